@@ -1,0 +1,3 @@
+from .lrpet_hook import LRPETHook
+
+__all__ = ['LRPETHook']

@@ -1,0 +1,93 @@
+"""Inference factorization: a rank-k conv (+ its BN, folded) becomes two cascaded convs.
+
+For a conv weight W (m = n_out, n = n_in·kh·kw) followed by a BN with scale a = γ/sqrt(v+eps),
+the folded weight is W' = diag(a)·W and the folded bias b' = β + a·(b − μ). With the thin SVD
+W' ≈ U_k Σ_k V_kᵀ:
+
+* first conv: weight Σ_k^{1/2} V_kᵀ reshaped to (k, n_in, kh, kw), the original stride, padding,
+  dilation and padding mode, no bias;
+* second conv: 1×1, weight U_k Σ_k^{1/2} reshaped to (m, k, 1, 1), bias b'.
+
+Parameters go from m·n to k·(m + n).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batchnorm import bn_scale
+from .projection import conv_weight_as_matrix, truncated_svd
+
+
+class LowRankConv2d(nn.Sequential):
+    """Two cascaded convs replacing one conv (+ BN): ``reduce`` (k filters) then ``expand`` (1×1).
+
+    A plain ``nn.Sequential`` subclass so it is traced, counted and exported like any other
+    module; its state dict keys are ``<name>.0.weight`` and ``<name>.1.weight/bias``.
+    """
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_channels
+
+
+@dataclass
+class FoldedConv:
+    """A conv's weight and bias with its BN folded in: weight (m, n_in, kh, kw), bias (m,)."""
+    weight: Tensor
+    bias: Tensor
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> FoldedConv:
+    """Fold an eval-mode BN into the preceding conv (in float64)."""
+    weight = conv.weight.detach().double()
+    bias = (conv.bias.detach().double() if conv.bias is not None else
+            torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
+    if norm is None:
+        return FoldedConv(weight, bias)
+    a = bn_scale(norm).double()
+    beta = norm.bias.detach().double() if getattr(norm, 'bias', None) is not None else 0.0
+    mean = norm.running_mean.detach().double()
+    return FoldedConv(weight * a.reshape(-1, 1, 1, 1), beta + a * (bias - mean))
+
+
+@torch.no_grad()
+def relative_rank_k_error(conv: nn.Conv2d, rank: int, norm: Optional[nn.Module] = None) -> float:
+    """‖W' − P_k(W')‖_F / ‖W'‖_F of the (BN-folded) weight: 0 for an exactly rank-k layer."""
+    folded = conv_weight_as_matrix(fold_conv_bn(conv, norm).weight)
+    total = float(folded.pow(2).sum())
+    if total == 0.0:
+        return 0.0
+    s = torch.linalg.svdvals(folded.cpu())
+    return float(s[rank:].pow(2).sum() / total) ** 0.5
+
+
+@torch.no_grad()
+def factorize_conv(conv: nn.Conv2d, rank: int,
+                   norm: Optional[nn.Module] = None) -> LowRankConv2d:
+    """Replace ``conv`` (and ``norm``, folded) by two cascaded convs of inner width ``rank``.
+
+    The result reproduces ``norm(conv(x))`` (eval-mode BN) exactly when the folded weight has
+    rank <= ``rank``, and is the best rank-``rank`` approximation otherwise. It has the dtype
+    and device of ``conv``.
+    """
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise ValueError(f'can only factorize a Conv2d with groups=1, got {conv!r}')
+    folded = fold_conv_bn(conv, norm)
+    matrix = conv_weight_as_matrix(folded.weight)
+    u, s, vh = truncated_svd(matrix, rank)
+    root = s.sqrt()
+    n_out, n_in, *kernel = conv.weight.shape
+    reduce = nn.Conv2d(n_in, rank, tuple(kernel), stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, groups=1, bias=False,
+                       padding_mode=conv.padding_mode)
+    expand = nn.Conv2d(rank, n_out, 1, bias=True)
+    factory = dict(dtype=conv.weight.dtype, device=conv.weight.device)
+    reduce.to(**factory)
+    expand.to(**factory)
+    reduce.weight.copy_((root[:, None] * vh).reshape(rank, n_in, *kernel))
+    expand.weight.copy_((u * root).reshape(n_out, rank, 1, 1))
+    expand.bias.copy_(folded.bias)
+    return LowRankConv2d(reduce, expand)

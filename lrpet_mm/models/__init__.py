@@ -1,0 +1,14 @@
+from .compact_model import (CompactModel, FactorizedLayer, NotLowRankError, factorize_model,
+                            measure_rank_errors)
+from .factorized_module import (LRPETFactorized, apply_factorized_structure,
+                                empty_factorized_conv, set_submodule)
+
+__all__ = ['CompactModel', 'FactorizedLayer', 'NotLowRankError', 'factorize_model',
+           'measure_rank_errors', 'LRPETFactorized', 'apply_factorized_structure',
+           'empty_factorized_conv', 'set_submodule']
+
+from .factorize_checkpoint import (FactorizeOutput, build_model_from_config,  # noqa: E402
+                                   compact_config, factorize_checkpoint, load_config)
+
+__all__ += ['FactorizeOutput', 'build_model_from_config', 'compact_config',
+            'factorize_checkpoint', 'load_config']

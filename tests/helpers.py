@@ -1,0 +1,46 @@
+"""Plain helpers shared by the tests (import with ``from helpers import ...``)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Union
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / 'configs' / 'lrpet' / '_toy_'
+"""Directory of the small CPU configs."""
+
+VOC_NUM_TRAIN = 8
+VOC_NUM_VAL = 4
+VOC_IMG_SIZE = (160, 128)  # (w, h)
+"""Size of the session-wide synthetic data set of the ``voc_root`` fixture (conftest.py)."""
+
+DET_TOY = 'faster-rcnn_r18_fpn_toy_voc'
+SEG_TOY = 'pspnet_r18-d8_toy_voc12aug'
+
+
+def load_toy_config(name: str, voc_root: Union[str, os.PathLike],
+                    work_dir: Union[str, os.PathLike]):
+    """The mmengine ``Config`` of toy config ``name`` (file name in ``CONFIG_DIR``, with or
+    without ``.py``), with every dataloader ``data_root`` pointed at ``voc_root`` (a
+    ``VOCdevkit`` directory) and ``work_dir`` set.
+
+    It also gets a unique ``experiment_name`` and visualizer name, so that several Runners built
+    in one test process (even within the same second) do not share the logger, visualizer or
+    default-scope instances that mmengine keys by name.
+    """
+    from mmengine.config import Config
+
+    from lrpet_mm.datasets import set_data_root
+
+    path = CONFIG_DIR / (name if name.endswith('.py') else f'{name}.py')
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob('*.py'))
+        raise FileNotFoundError(f'no toy config {name!r} ({path}); known: {known}')
+    cfg = Config.fromfile(str(path))
+    set_data_root(cfg, str(voc_root))
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = f'{path.stem}-{uuid.uuid4().hex[:8]}'
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer.pop('name', None)  # the Runner then names it after experiment_name
+    return cfg
