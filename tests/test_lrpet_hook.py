@@ -169,9 +169,14 @@ def test_hook_is_found_under_mmdet_and_mmseg_default_scopes():
 @pytest.mark.parametrize('kwargs,message', [
     (dict(rank_ratio=1.0), r'rank_ratio must be a number in \[0, 1\), got 1.0'),
     (dict(rank_ratio=-0.2), r'rank_ratio must be a number in \[0, 1\), got -0.2'),
-    (dict(interval=0), r'interval must be an int >= 1, got 0'),
-    (dict(unpaired='ignore'), r"unpaired must be one of .*got 'ignore'"),
-    (dict(layer_ratios={'layer1': 1.2}), r'layer_ratios value must be a number'),
+    (dict(rank_ratio=0.5, interval=0), r'interval must be an int >= 1, got 0'),
+    (dict(rank_ratio=0.5, unpaired='ignore'), r"unpaired must be one of .*got 'ignore'"),
+    (dict(rank_ratio=0.5, layer_ratios={'layer1': 1.2}), r'layer_ratios value must be a number'),
+    (dict(), r'give exactly one of rank_ratio and flops_reduction, got rank_ratio=None'),
+    (dict(rank_ratio=0.5, flops_reduction=0.5), r'give exactly one of rank_ratio and '),
+    (dict(flops_reduction=1.0), r'flops_reduction must be a number in \(0, 1\), got 1.0'),
+    (dict(flops_reduction=0.0), r'flops_reduction must be a number in \(0, 1\), got 0.0'),
+    (dict(flops_reduction=0.5, flops_input_shape=(3, 512)), r'flops_input_shape must be '),
 ])
 def test_bad_hook_arguments_are_rejected_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -180,7 +185,7 @@ def test_bad_hook_arguments_are_rejected_with_the_value(kwargs, message):
 
 def test_unknown_hook_argument_lists_accepted_arguments():
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['rank'\]; accepted arguments: "
-                                        r"\['rank_ratio', 'interval', 'by_epoch'"):
+                                        r"\['rank_ratio', 'flops_reduction', 'flops_input_shape', 'interval'"):
         LRPETHook(rank=3)
 
 
@@ -193,7 +198,7 @@ def test_scope_or_pattern_that_matches_nothing_fails_before_training(voc_root, t
                                                                      hook_kwargs, message):
     cfg = load_toy_config(SEG_CONFIG, voc_root, tmp_path)
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100)
-    cfg.custom_hooks = [dict(type='LRPETHook', **hook_kwargs)]
+    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, **hook_kwargs)]
     runner = Runner.from_cfg(cfg)
     with pytest.raises(ValueError, match=message):
         runner.train()
@@ -217,7 +222,7 @@ class PoisonWeightHook(Hook):
 def test_nan_weight_at_projection_time_names_layer_and_iteration(voc_root, tmp_path):
     cfg = load_toy_config(SEG_CONFIG, voc_root, tmp_path)
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=4, val_interval=100)
-    cfg.custom_hooks = [dict(type='LRPETHook', interval=2),
+    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=2),
                         dict(type='PoisonWeightHook', at_iter=2, layer='backbone.layer3.0.conv1')]
     runner = Runner.from_cfg(cfg)
     with pytest.raises(ProjectionError, match=r"layer 'backbone.layer3.0.conv1' has 1 non-finite "

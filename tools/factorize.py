@@ -24,6 +24,11 @@ def parse_args(argv=None):
     parser.add_argument('--rank-ratio', type=float, default=None,
                         help='plan ranks like the hook with this ratio instead of reading the '
                              "plan stored in the checkpoint's meta")
+    parser.add_argument('--flops-reduction', type=float, default=None,
+                        help='plan ranks to remove this share of the scope FLOPs instead')
+    parser.add_argument('--input-shape', type=int, nargs=3, default=None,
+                        metavar=('C', 'H', 'W'), help='input shape for FLOPs counting '
+                        '(default: from the config)')
     parser.add_argument('--tol', type=float, default=1e-3,
                         help='largest accepted relative rank-k error per layer (default 1e-3)')
     parser.add_argument('--force', action='store_true',
@@ -35,7 +40,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = factorize_checkpoint(args.config, args.checkpoint, args.out_dir, tol=args.tol,
-                                   force=args.force, rank_ratio=args.rank_ratio, name=args.name)
+                                   force=args.force, rank_ratio=args.rank_ratio,
+                                   flops_reduction=args.flops_reduction,
+                                   flops_input_shape=args.input_shape, name=args.name)
     except (FileNotFoundError, PermissionError, ValueError, KeyError) as e:
         kind = 'refused' if isinstance(e, NotLowRankError) else 'error'
         print(f'{kind}: {e}', file=sys.stderr)

@@ -11,8 +11,10 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 
+from ..analysis.flops import check_flops_reduction, plan_ranks_for_flops
+from ..analysis.input_shape import infer_input_shape
 from ..lowrank import (LowRankProjector, ProjectionStats, RankPlan, check_rank_ratio,
-                       plan_ranks, select_targets)
+                       get_scope_module, plan_ranks, select_targets)
 from ..lowrank.batchnorm import BNR_EPS
 from ..lowrank.targets import UNPAIRED_POLICIES
 
@@ -40,8 +42,14 @@ class LRPETHook(Hook):
         custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5)]
 
     Args:
-        rank_ratio (float): rank pruning ratio p ∈ [0, 1); a layer with an (m, n) weight keeps
-            k = floor((1 − p)·min(m, n)) singular values. Defaults to 0.5.
+        rank_ratio (float, optional): rank pruning ratio p ∈ [0, 1); a layer with an (m, n)
+            weight keeps k = floor((1 − p)·min(m, n)) singular values. Give exactly one of
+            ``rank_ratio`` and ``flops_reduction``. Defaults to None.
+        flops_reduction (float, optional): r ∈ (0, 1): choose the (uniform) ratio so that the
+            factorized ``scope`` module has (1 − r)× its FLOPs, counted by mmengine.analysis
+            at ``flops_input_shape`` (within ±1 %). Defaults to None.
+        flops_input_shape (tuple[int], optional): (C, H, W) for FLOPs counting. Defaults to
+            None: the config's ``crop_size`` (mmseg) or test ``Resize`` scale (mmdet).
         interval (int): project every ``interval`` epochs or iterations. Defaults to 1.
         by_epoch (bool, optional): count ``interval`` in epochs (True) or iterations (False).
             Defaults to None: epochs under ``EpochBasedTrainLoop``, iterations otherwise.
@@ -70,7 +78,9 @@ class LRPETHook(Hook):
     priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) and CheckpointHook (VERY_LOW)
 
     def __init__(self,
-                 rank_ratio: float = 0.5,
+                 rank_ratio: Optional[float] = None,
+                 flops_reduction: Optional[float] = None,
+                 flops_input_shape: Optional[Sequence[int]] = None,
                  interval: int = 1,
                  by_epoch: Optional[bool] = None,
                  energy_transfer: bool = True,
@@ -89,7 +99,18 @@ class LRPETHook(Hook):
                         if p not in ('self', 'unknown')]
             raise TypeError(f'LRPETHook got unknown argument(s) {sorted(unknown)}; accepted '
                             f'arguments: {accepted}')
-        check_rank_ratio(rank_ratio)
+        if (rank_ratio is None) == (flops_reduction is None):
+            raise ValueError('give exactly one of rank_ratio and flops_reduction, got '
+                             f'rank_ratio={rank_ratio!r}, flops_reduction={flops_reduction!r}')
+        if rank_ratio is not None:
+            check_rank_ratio(rank_ratio)
+        if flops_reduction is not None:
+            check_flops_reduction(flops_reduction)
+        if flops_input_shape is not None and (
+                not isinstance(flops_input_shape, (tuple, list)) or len(flops_input_shape) != 3
+                or not all(isinstance(v, int) and v > 0 for v in flops_input_shape)):
+            raise ValueError('flops_input_shape must be (C, H, W) positive ints, got '
+                             f'{flops_input_shape!r}')
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f'interval must be an int >= 1, got {interval!r}')
         if by_epoch not in (None, True, False):
@@ -102,7 +123,11 @@ class LRPETHook(Hook):
             check_rank_ratio(ratio, 'layer_ratios value')
         if scope is not None and not isinstance(scope, str):
             raise TypeError(f'scope must be a module path string, got {scope!r}')
-        self.rank_ratio = float(rank_ratio)
+        self.rank_ratio = None if rank_ratio is None else float(rank_ratio)
+        self.flops_reduction = None if flops_reduction is None else float(flops_reduction)
+        self.flops_input_shape = (None if flops_input_shape is None else
+                                  tuple(flops_input_shape))
+        self.flops_info: Optional[dict] = None
         self.interval = interval
         self.by_epoch = by_epoch
         self.energy_transfer = bool(energy_transfer)
@@ -126,7 +151,9 @@ class LRPETHook(Hook):
     # ------------------------------------------------------------------ planning
     def settings(self) -> dict:
         """The arguments that define the projection (stored in checkpoint meta)."""
-        return dict(rank_ratio=self.rank_ratio, interval=self.interval, by_epoch=self.by_epoch,
+        return dict(rank_ratio=self.rank_ratio, flops_reduction=self.flops_reduction,
+                    flops_input_shape=self.flops_input_shape, interval=self.interval,
+                    by_epoch=self.by_epoch,
                     energy_transfer=self.energy_transfer, bn_rectify=self.bn_rectify,
                     scope=self.scope, include=self.include, exclude=self.exclude,
                     layer_ratios=self.layer_ratios, min_rank=self.min_rank,
@@ -137,14 +164,35 @@ class LRPETHook(Hook):
         model = runner.model
         return model.module if is_model_wrapper(model) else model
 
-    def build_plan(self, model: torch.nn.Module) -> None:
-        """Select the targets in ``model`` and plan their ranks (or reuse a resumed plan)."""
+    def build_plan(self, model: torch.nn.Module, cfg=None) -> None:
+        """Select the targets in ``model`` and plan their ranks (or reuse a resumed plan).
+
+        ``cfg`` (the runner's config) gives the FLOPs input shape when ``flops_reduction`` is
+        set and ``flops_input_shape`` is not.
+        """
         selection = select_targets(model, self.scope, self.include, self.exclude,
                                    self.bn_rectify, self.unpaired)
         for name, reason in selection.skipped.items():
             print_log(f'LRPET: leaving {name} alone: {reason}', logger='current')
         if self._resumed_state is not None:
             plan = RankPlan.from_dict(self._resumed_state['plan'])
+            self.flops_info = self._resumed_state.get('flops')
+        elif self.flops_reduction is not None:
+            shape = self.flops_input_shape
+            if shape is None:
+                if cfg is None:
+                    raise ValueError('flops_reduction needs flops_input_shape or a config')
+                shape = infer_input_shape(cfg)
+            result = plan_ranks_for_flops(get_scope_module(model, self.scope), self.scope,
+                                          selection, self.flops_reduction, shape,
+                                          self.layer_ratios, self.min_rank)
+            plan = result.plan
+            self.flops_info = result.to_dict()
+            print_log(f'LRPET: rank ratio {result.rank_ratio:.4f} removes '
+                      f'{100 * result.reduction:.2f} % of the {self.scope or "model"} FLOPs '
+                      f'({result.flops_before} -> {result.flops_after} at input '
+                      f'{tuple(shape)}; target {100 * self.flops_reduction:.1f} %)',
+                      logger='current')
         else:
             plan = plan_ranks(selection.shapes(), self.rank_ratio, self.layer_ratios,
                               self.min_rank)
@@ -174,7 +222,7 @@ class LRPETHook(Hook):
             if state.get('settings') != self._comparable_settings():
                 print_log('LRPET: the hook settings differ from the resumed checkpoint; the '
                           'stored rank plan is kept', logger='current', level=30)
-        self.build_plan(self._bare_model(runner))
+        self.build_plan(self._bare_model(runner), runner.cfg)
         self._resumed_state = None
 
     def _comparable_settings(self) -> dict:
@@ -250,7 +298,7 @@ class LRPETHook(Hook):
         """JSON-able state: version, settings, rank plan and schedule position."""
         return dict(version=STATE_VERSION, settings=self._comparable_settings(),
                     plan=self.plan.to_dict() if self.plan is not None else None,
-                    last_projected_step=self.last_projected_step,
+                    flops=self.flops_info, last_projected_step=self.last_projected_step,
                     num_projections=self.num_projections)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

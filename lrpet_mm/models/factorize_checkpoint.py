@@ -3,7 +3,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from mmengine.config import Config
@@ -11,7 +11,8 @@ from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..analysis.checkpoint_summary import load_checkpoint_file, rank_plan_from_checkpoint
-from ..lowrank import RankPlan, plan_ranks, select_targets
+from ..analysis.input_shape import infer_input_shape
+from ..lowrank import RankPlan, get_scope_module, plan_ranks, select_targets
 from ..utils.atomic import atomic_path, check_writable_dir
 from .compact_model import CompactModel, factorize_model
 
@@ -53,15 +54,26 @@ def hook_settings(cfg: Config) -> dict:
 
 
 def plan_for(model: nn.Module, checkpoint: dict, cfg: Config, where: str,
-             rank_ratio: Optional[float] = None) -> RankPlan:
-    """The checkpoint's stored plan; or, with ``rank_ratio``, a plan made like the hook's."""
-    if rank_ratio is None:
+             rank_ratio: Optional[float] = None, flops_reduction: Optional[float] = None,
+             flops_input_shape: Optional[Sequence[int]] = None) -> RankPlan:
+    """The checkpoint's stored plan; or, with ``rank_ratio`` / ``flops_reduction``, a plan
+    made like the hook's (scope and patterns from the config's ``LRPETHook``)."""
+    if rank_ratio is None and flops_reduction is None:
         return rank_plan_from_checkpoint(checkpoint, where)
+    if rank_ratio is not None and flops_reduction is not None:
+        raise ValueError('give at most one of rank_ratio and flops_reduction')
     settings = hook_settings(cfg)
-    selection = select_targets(model, settings.get('scope', 'backbone'),
-                               settings.get('include'), settings.get('exclude'),
+    scope = settings.get('scope', 'backbone')
+    selection = select_targets(model, scope, settings.get('include'), settings.get('exclude'),
                                settings.get('bn_rectify', True),
                                settings.get('unpaired', 'skip'))
+    if flops_reduction is not None:
+        # imported here: analysis.flops itself builds on lrpet_mm.models
+        from ..analysis.flops import plan_ranks_for_flops
+        shape = flops_input_shape or infer_input_shape(cfg)
+        return plan_ranks_for_flops(get_scope_module(model, scope), scope, selection,
+                                    flops_reduction, shape, settings.get('layer_ratios'),
+                                    settings.get('min_rank', 1)).plan
     plan = plan_ranks(selection.shapes(), rank_ratio, settings.get('layer_ratios'),
                       settings.get('min_rank', 1))
     plan.skipped.update(selection.skipped)
@@ -98,6 +110,8 @@ class FactorizeOutput:
 def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLike,
                          tol: float = 1e-3, force: bool = False,
                          rank_ratio: Optional[float] = None,
+                         flops_reduction: Optional[float] = None,
+                         flops_input_shape: Optional[Sequence[int]] = None,
                          name: Optional[str] = None) -> FactorizeOutput:
     """Write ``out_dir/<name>_lowrank.py`` and ``out_dir/<name>_lowrank.pth``.
 
@@ -110,7 +124,7 @@ def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLi
     where = f'checkpoint {os.fspath(checkpoint)!r}'
     model = build_model_from_config(cfg)
     load_state_dict_strict(model, ckpt, where)
-    plan = plan_for(model, ckpt, cfg, where, rank_ratio)
+    plan = plan_for(model, ckpt, cfg, where, rank_ratio, flops_reduction, flops_input_shape)
     compact = factorize_model(model, plan, tol=tol, force=force)
     new_cfg = compact_config(cfg, compact)
 

@@ -1,0 +1,171 @@
+"""FLOPs counting with ``mmengine.analysis`` and rank planning for a FLOPs budget.
+
+FLOPs follow mmengine's (fvcore's) convention: one multiply-add counts as one FLOP.
+"""
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from mmengine.analysis import FlopAnalyzer, parameter_count
+from torch import nn
+
+from ..lowrank import RankPlan, TargetSelection, plan_ranks
+from ..lowrank.batchnorm import has_running_stats, is_batch_norm
+from ..models.factorized_module import apply_factorized_structure
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _analyzer(module: nn.Module, input_shape: Sequence[int]) -> FlopAnalyzer:
+    param = next(module.parameters())
+    inputs = (torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype), )
+    analyzer = FlopAnalyzer(module, inputs)
+    analyzer.unsupported_ops_warnings(False)
+    analyzer.uncalled_modules_warnings(False)
+    return analyzer
+
+
+@torch.no_grad()
+def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of ``module`` (eval mode) on one input of shape ``input_shape`` = (C, H, W)."""
+    with eval_mode(module):
+        return int(_analyzer(module, input_shape).total())
+
+
+@torch.no_grad()
+def flops_by_module(module: nn.Module, input_shape: Sequence[int]) -> Dict[str, int]:
+    """``{submodule name relative to module ('' = total): FLOPs}``."""
+    with eval_mode(module):
+        return {k: int(v) for k, v in _analyzer(module, input_shape).by_module().items()}
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (as ``mmengine.analysis.parameter_count``)."""
+    return int(parameter_count(module)[''])
+
+
+@dataclass
+class FlopsPlanResult:
+    """A rank plan chosen for a FLOPs budget.
+
+    Attributes:
+        plan: the ranks.
+        rank_ratio: the uniform ratio p it uses (before ``layer_ratios`` overrides).
+        flops_before: FLOPs of the scope module at ``input_shape``.
+        flops_after: FLOPs of the factorized scope module, counted by mmengine.analysis.
+        target_reduction: the requested reduction r (flops_after ≈ (1 − r)·flops_before).
+    """
+    plan: RankPlan
+    rank_ratio: float
+    flops_before: int
+    flops_after: int
+    target_reduction: float
+    input_shape: Tuple[int, ...]
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before
+
+    def to_dict(self) -> dict:
+        return dict(rank_ratio=self.rank_ratio, flops_before=self.flops_before,
+                    flops_after=self.flops_after, target_reduction=self.target_reduction,
+                    reduction=self.reduction, input_shape=list(self.input_shape))
+
+
+def check_flops_reduction(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f'flops_reduction must be a number in (0, 1), got {value!r}')
+    return float(value)
+
+
+def factorized_copy(scope_module: nn.Module, scope: str, plan: RankPlan,
+                    folded: Mapping[str, str]) -> nn.Module:
+    """A deep copy of ``scope_module`` with the factorized structure of ``plan`` (no weights)."""
+    prefix = f'{scope}.' if scope else ''
+    ranks = {name[len(prefix):]: layer.rank for name, layer in plan.layers.items()}
+    norms = {conv[len(prefix):]: norm[len(prefix):] for conv, norm in folded.items()
+             if conv in plan.layers}
+    return apply_factorized_structure(copy.deepcopy(scope_module), ranks, norms)
+
+
+def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetSelection,
+                         flops_reduction: float, input_shape: Sequence[int],
+                         layer_ratios: Optional[Mapping[str, float]] = None,
+                         min_rank: int = 1, tolerance: float = 0.01) -> FlopsPlanResult:
+    """Choose a uniform rank ratio so the factorized scope module has (1 − r)× the FLOPs.
+
+    The ratio is found by bisection on a per-layer FLOPs model (each conv's counted FLOPs
+    scale by k(m + n)/(m·n) when factorized; a folded BN's FLOPs disappear), then the
+    factorized structure is counted with ``mmengine.analysis`` and, if it misses the target by
+    more than ``tolerance`` (relative to the target FLOPs), the model's offset is corrected and
+    the search repeated.
+
+    Args:
+        scope_module: the module whose FLOPs are budgeted (e.g. the backbone); it must run on a
+            single (1, C, H, W) tensor.
+        scope: its dotted name in the model (plan names are model-relative).
+        selection: the targets in scope (from ``select_targets``).
+        flops_reduction: r ∈ (0, 1).
+        input_shape: (C, H, W).
+
+    Raises:
+        ValueError: the target cannot be reached even at the highest ratio.
+    """
+    check_flops_reduction(flops_reduction)
+    input_shape = tuple(int(v) for v in input_shape)
+    prefix = f'{scope}.' if scope else ''
+    by_module = flops_by_module(scope_module, input_shape)
+    total = by_module['']
+    shapes = selection.shapes()
+    folded = {t.name: t.norm_name for t in selection.targets
+              if t.norm is not None and is_batch_norm(t.norm) and has_running_stats(t.norm)}
+    conv_flops = {name: by_module.get(name[len(prefix):], 0) for name in shapes}
+    norm_flops = {name: by_module.get(norm[len(prefix):], 0) for name, norm in folded.items()}
+    target = (1.0 - flops_reduction) * total
+
+    def predicted(plan: RankPlan) -> float:
+        saved = 0.0
+        for name, layer in plan.layers.items():
+            saved += conv_flops[name] * (1.0 - layer.params_after / layer.params_before)
+            saved += norm_flops.get(name, 0)
+        return total - saved
+
+    def search(goal: float) -> Tuple[float, RankPlan]:
+        lo, hi = 0.0, 0.999
+        best = None
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            plan = plan_ranks(shapes, mid, layer_ratios, min_rank)
+            value = predicted(plan)
+            if best is None or abs(value - goal) < abs(best[2] - goal):
+                best = (mid, plan, value)
+            if value > goal:
+                lo = mid
+            else:
+                hi = mid
+        return best[0], best[1]
+
+    floor = predicted(plan_ranks(shapes, 0.999, layer_ratios, min_rank))
+    if floor > target * (1 + tolerance):
+        raise ValueError(f'flops_reduction {flops_reduction} cannot be reached in scope '
+                         f'{scope!r}: factorizing every target at the highest ratio removes '
+                         f'{100 * (1 - floor / total):.1f} % of {total} FLOPs')
+    goal = target
+    for _ in range(3):
+        ratio, plan = search(goal)
+        measured = count_flops(factorized_copy(scope_module, scope, plan, folded), input_shape)
+        if abs(measured - target) <= tolerance * target:
+            break
+        goal -= measured - predicted(plan)  # correct the model's offset, search again
+    plan.skipped.update(selection.skipped)
+    return FlopsPlanResult(plan, ratio, total, measured, flops_reduction, input_shape)
