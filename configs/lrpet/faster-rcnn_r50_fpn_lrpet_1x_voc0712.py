@@ -1,0 +1,11 @@
+# Faster R-CNN R-50 FPN on VOC07+12 trained with LRPET at the paper's setting: ranks chosen so
+# the factorized ResNet-50 backbone has half the FLOPs (counted at 3x600x1000, the VOC test
+# scale), projected once per epoch with energy transfer and BN rectification.
+#
+#   python $MMDET/.mim/tools/train.py configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py
+#   python tools/factorize.py configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py \
+#       work_dirs/faster-rcnn_r50_fpn_lrpet_1x_voc0712/epoch_4.pth --out-dir work_dirs/compact
+_base_ = 'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py'
+
+custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
+custom_hooks = [dict(type='LRPETHook', flops_reduction=0.5, interval=1)]

@@ -1,0 +1,171 @@
+"""tools/factorize.py end to end: compact files that the upstream test.py evaluates, refusals,
+clear errors and no partial output."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.runner import Runner
+
+import lrpet_mm  # noqa: F401
+from lrpet_mm.models import factorize_checkpoint
+from lrpet_mm.utils import upstream_tool
+from helpers import CONFIG_DIR, load_toy_config
+
+REPO = Path(__file__).resolve().parents[1]
+FACTORIZE = REPO / 'tools' / 'factorize.py'
+
+
+def train_toy(name: str, voc_root: Path, work_dir: Path, **train_cfg) -> Path:
+    """Train a toy config with LRPETHook; return (config file dumped, final checkpoint)."""
+    cfg = load_toy_config(name, voc_root, work_dir)
+    cfg.train_cfg = train_cfg
+    by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
+    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=1 if by_epoch else 2)]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=by_epoch,
+                                        interval=1 if by_epoch else train_cfg['max_iters'])
+    cfg.custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    config_path = work_dir / f'{name}.py'
+    cfg.dump(str(config_path))
+    ckpt = work_dir / ('epoch_1.pth' if by_epoch else f'iter_{train_cfg["max_iters"]}.pth')
+    return config_path, ckpt
+
+
+@pytest.fixture(scope='module')
+def det_run(voc_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp('det_run')
+    return train_toy('faster-rcnn_r18_fpn_toy_voc', voc_root, work,
+                     type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+
+
+@pytest.fixture(scope='module')
+def seg_run(voc_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp('seg_run')
+    return train_toy('pspnet_r18-d8_toy_voc12aug', voc_root, work,
+                     type='IterBasedTrainLoop', max_iters=4, val_interval=100)
+
+
+def run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          cwd=str(REPO), **kw)
+
+
+def upstream_test(package: str, config: Path, checkpoint: Path, work_dir: Path) -> str:
+    out = run([upstream_tool(package, 'test.py'), config, checkpoint, '--work-dir', work_dir])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def metric(log: str, key: str) -> float:
+    return float(re.findall(rf'{re.escape(key)}: ([0-9.]+)', log)[-1])
+
+
+@pytest.mark.parametrize('run_fixture,package,key,n_convs', [
+    ('det_run', 'mmdet', 'pascal_voc/mAP', 20),  # ResNet-18
+    ('seg_run', 'mmseg', 'mIoU', 22),  # ResNetV1c-18 (deep stem)
+])
+def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
+        request, tmp_path, run_fixture, package, key, n_convs):
+    config, ckpt = request.getfixturevalue(run_fixture)
+    out = run([FACTORIZE, config, ckpt, '--out-dir', tmp_path / 'compact'])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(rf'factorized {n_convs} convs \(max relative rank-k error '
+                     r'\d\.\d+e-0[5-9]\)', out.stdout)
+    stem = config.stem
+    compact_cfg = tmp_path / 'compact' / f'{stem}_lowrank.py'
+    compact_ckpt = tmp_path / 'compact' / f'{stem}_lowrank.pth'
+    assert sorted(p.name for p in (tmp_path / 'compact').iterdir()) == sorted(
+        [compact_cfg.name, compact_ckpt.name])
+
+    log_compact = upstream_test(package, compact_cfg, compact_ckpt, tmp_path / 'test_compact')
+    assert 'missing keys' not in log_compact and 'unexpected key' not in log_compact
+    log_projected = upstream_test(package, config, ckpt, tmp_path / 'test_projected')
+    assert metric(log_compact, key) == pytest.approx(metric(log_projected, key), abs=1e-3)
+
+    state = torch.load(compact_ckpt, map_location='cpu', weights_only=False)['state_dict']
+    assert 'backbone.layer2.0.conv2.0.weight' in state
+    assert 'backbone.layer2.0.conv2.weight' not in state
+    assert not any(k.startswith('backbone.layer2.0.bn2') for k in state)
+
+
+def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_run, tmp_path):
+    config, ckpt = seg_run
+    checkpoint = torch.load(ckpt, map_location='cpu', weights_only=False)
+    torch.manual_seed(0)
+    for key in ('backbone.layer3.0.conv1.weight', 'backbone.layer4.1.conv2.weight'):
+        checkpoint['state_dict'][key] += 0.1 * torch.randn_like(checkpoint['state_dict'][key])
+    noisy = tmp_path / 'noisy.pth'
+    torch.save(checkpoint, noisy)
+    out_dir = tmp_path / 'out'
+    out = run([FACTORIZE, config, noisy, '--out-dir', out_dir])
+    assert out.returncode == 2
+    assert re.search(r'refused: 2 of 22 layers are not low-rank', out.stderr)
+    assert re.search(r'backbone.layer3.0.conv1: rank \d+, relative error \d\.\d+e-0\d',
+                     out.stderr) and 'backbone.layer4.1.conv2' in out.stderr
+    assert list(out_dir.iterdir()) == []
+    forced = run([FACTORIZE, config, noisy, '--out-dir', out_dir, '--force'])
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert len(list(out_dir.iterdir())) == 2
+
+
+def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_run, tmp_path):
+    config, ckpt = seg_run
+    checkpoint = torch.load(ckpt, map_location='cpu', weights_only=False)
+    del checkpoint['meta']['lrpet']
+    plain = tmp_path / 'plain.pth'
+    torch.save(checkpoint, plain)
+    out = run([FACTORIZE, config, plain, '--out-dir', tmp_path / 'o'])
+    assert out.returncode == 2 and 'has no LRPET rank plan in its meta' in out.stderr
+    out = run([FACTORIZE, config, plain, '--out-dir', tmp_path / 'o', '--rank-ratio', '0.5'])
+    assert out.returncode == 0, out.stderr[-2000:]  # same ranks as the hook's plan: low-rank
+
+
+def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp_path):
+    config, ckpt = seg_run
+    out_dir = tmp_path / 'out'
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(ckpt.read_bytes()[:4096])
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('x')
+    cases = [
+        ([tmp_path / 'missing.py', ckpt, '--out-dir', out_dir], r"config '.*missing.py' does "
+                                                                 r'not exist'),
+        ([config, tmp_path / 'missing.pth', '--out-dir', out_dir], r"checkpoint '.*missing.pth' "
+                                                                    r'does not exist'),
+        ([config, truncated, '--out-dir', out_dir], r"checkpoint '.*truncated.pth' could not be "
+                                                     r'read .*truncated'),
+        ([config, ckpt, '--out-dir', a_file / 'sub'], r"cannot create output directory "
+                                                       r"'.*a_file/sub'"),
+        ([det_run[0], ckpt, '--out-dir', out_dir], r"checkpoint '.*' does not match the "
+                                                    r"config's model: missing keys"),
+    ]
+    for args, message in cases:
+        out = run([FACTORIZE, *args])
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert re.search(message, out.stderr), (message, out.stderr[-2000:])
+        assert 'Traceback' not in out.stderr
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_no_partial_file(seg_run, tmp_path, monkeypatch):
+    config, ckpt = seg_run
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])  # half-written ...
+        raise OSError('simulated: disk full')            # ... then the failure
+
+    monkeypatch.setattr(torch, 'save', failing_save)
+    out_dir = tmp_path / 'out'
+    with pytest.raises(OSError, match='simulated: disk full'):
+        factorize_checkpoint(config, ckpt, out_dir)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_toy_configs_exist_for_the_lrpet_demo():
+    assert (CONFIG_DIR / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py').is_file()

@@ -1,0 +1,62 @@
+"""The paper-setting configs build, plan ranks for their FLOPs budget and train one iteration.
+
+ImageNet weights cannot be downloaded here, so init is switched off; data is the built-in
+VOC-layout set (small images, resized by the upstream pipelines to the full input size).
+"""
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+import lrpet_mm  # noqa: F401
+from lrpet_mm.datasets import set_data_root
+from lrpet_mm.engine import LRPETHook
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'lrpet'
+
+
+def full_size_config(name: str, voc_root: Path, work_dir: Path) -> Config:
+    cfg = Config.fromfile(str(CONFIGS / name))
+    set_data_root(cfg, voc_root)
+    cfg.work_dir = str(work_dir)
+    cfg.model.backbone.init_cfg = None
+    if 'pretrained' in cfg.model:
+        cfg.model.pretrained = None
+    # small batches keep CPU time low (PSPNet's pooled BN needs 2 samples in training)
+    cfg.train_dataloader.batch_size = 2 if cfg.default_scope == 'mmseg' else 1
+    cfg.train_dataloader.num_workers = 0
+    cfg.train_dataloader.persistent_workers = False
+    cfg.val_cfg = cfg.test_cfg = None
+    cfg.val_dataloader = cfg.test_dataloader = None
+    cfg.val_evaluator = cfg.test_evaluator = None
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10**6)
+    cfg.default_hooks.pop('visualization', None)
+    cfg.visualizer = dict(type='Visualizer', name=f'vis_{name}')
+    return cfg
+
+
+@pytest.mark.parametrize('name,reduction', [
+    ('faster-rcnn_r50_fpn_lrpet_1x_voc0712.py', 0.5),
+    ('pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py', 0.3),
+])
+def test_paper_config_plans_budget_and_trains_one_iteration(voc_root, tmp_path, name, reduction):
+    cfg = full_size_config(name, voc_root, tmp_path)
+    hooks = [h for h in cfg.custom_hooks if h['type'] == 'LRPETHook']
+    assert hooks == [dict(type='LRPETHook', flops_reduction=reduction,
+                          interval=hooks[0]['interval'])]
+    if cfg.train_cfg.type == 'EpochBasedTrainLoop':
+        cfg.train_cfg.max_epochs = 1
+        cfg.train_dataloader.dataset.times = 1  # RepeatDataset(ConcatDataset(07, 12))
+        cfg.train_dataloader.sampler = dict(type='DefaultSampler', shuffle=False)
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=1, val_interval=10**6)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
+    info = hook.flops_info
+    expected_shape = [3, 600, 1000] if 'faster' in name else [3, 512, 512]
+    assert info['input_shape'] == expected_shape
+    target = (1 - reduction) * info['flops_before']
+    assert abs(info['flops_after'] - target) <= 0.01 * target
+    assert hook.num_projections == 1  # the final projection after the only iteration
+    assert len(hook.plan) >= 50
