@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""`make demo`: build the built-in VOC data, train a small Faster R-CNN with LRPET on CPU
-using the upstream mmdet ``tools/train.py``, then show what LRPET did to the backbone.
+"""`make demo`: the whole LRPET workflow on CPU with the built-in VOC-layout data.
+
+1. build the data set (data/VOCdevkit);
+2. train a small Faster R-CNN with LRPETHook through the upstream mmdet ``tools/train.py``;
+3. factorize the checkpoint into the compact model (``tools/factorize.py``);
+4. evaluate the compact model with the upstream mmdet ``tools/test.py``;
+5. print the report (FLOPs, params, mAP of projected vs compact) from ``tools/report.py``.
 
 A second run reuses the data set and a finished training run.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from lrpet_mm.analysis import (check_checkpoint_ranks, load_checkpoint_file,  # noqa: E402
                                rank_plan_from_checkpoint)
 from lrpet_mm.datasets import generate_synthetic_voc  # noqa: E402
+from lrpet_mm.models import factorize_checkpoint  # noqa: E402
 from lrpet_mm.utils import upstream_tool  # noqa: E402
 
 DEMO_CONFIG = REPO / 'configs' / 'lrpet' / '_toy_' / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py'
@@ -25,6 +32,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data', default='data/VOCdevkit', help='VOCdevkit to create/reuse')
     parser.add_argument('--work-dir', default='work_dirs/demo/faster-rcnn_r18_lrpet')
+    parser.add_argument('--out-dir', default='work_dirs/demo/compact',
+                        help='where the compact model and the report go')
     parser.add_argument('--retrain', action='store_true', help='train again even if finished')
     return parser.parse_args()
 
@@ -80,7 +89,32 @@ def main() -> int:
           f'({100 * (1 - params_after / params_before):.1f} % fewer) once factorized')
     for name, reason in plan.skipped.items():
         print(f'[demo] left alone: {name}: {reason}')
-    return 0 if ok else 1
+    if not ok:
+        return 1
+
+    out = factorize_checkpoint(DEMO_CONFIG, ckpt, args.out_dir)
+    print(f'\n[demo] factorized {len(out.compact.layers)} convs into two cascaded convs each:'
+          f'\n  {out.config_path}\n  {out.checkpoint_path}')
+    test = upstream_tool('mmdet', 'test.py')
+    cmd = [sys.executable, str(test), str(out.config_path), str(out.checkpoint_path),
+           '--work-dir', str(Path(args.out_dir) / 'upstream_test')]
+    print('[demo] evaluating the compact model with the upstream tools/test.py:',
+          ' '.join(cmd), flush=True)
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    maps = re.findall(r'pascal_voc/mAP: ([0-9.]+)', result.stdout + result.stderr)
+    if not maps:
+        raise RuntimeError('upstream test.py printed no pascal_voc/mAP:\n' + result.stderr[-2000:])
+    print(f'[demo] upstream test.py on the compact model: pascal_voc/mAP = {maps[-1]}')
+
+    report_dir = Path(args.out_dir) / 'report'
+    cmd = [sys.executable, str(REPO / 'tools' / 'report.py'), str(DEMO_CONFIG), str(ckpt),
+           '--lowrank-config', str(out.config_path), '--lowrank-checkpoint',
+           str(out.checkpoint_path), '--out', str(report_dir)]
+    print('[demo] report:', ' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    print(f'\n[demo] done. Files: training run {work_dir}, compact model {args.out_dir}, '
+          f'report {report_dir}/report.md (+ report.json, ranks.png)')
+    return 0
 
 
 if __name__ == '__main__':
