@@ -167,5 +167,17 @@ def test_failure_while_writing_leaves_no_partial_file(seg_run, tmp_path, monkeyp
     assert list(out_dir.iterdir()) == []
 
 
-def test_toy_configs_exist_for_the_lrpet_demo():
-    assert (CONFIG_DIR / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py').is_file()
+@pytest.mark.parametrize('name,scope', [('faster-rcnn_r18_fpn_lrpet_toy_voc', 'mmdet'),
+                                        ('pspnet_r18-d8_lrpet_toy_voc12aug', 'mmseg')])
+def test_toy_lrpet_configs_add_only_the_hook_line(name, scope):
+    from mmengine.config import Config
+    from mmengine.registry import HOOKS, DefaultScope
+    lrpet = Config.fromfile(str(CONFIG_DIR / f'{name}.py'))
+    base = Config.fromfile(str(CONFIG_DIR / f'{name.replace("_lrpet", "")}.py'))
+    assert lrpet.default_scope == scope
+    assert lrpet.custom_imports == dict(imports=['lrpet_mm'], allow_failed_imports=False)
+    assert [h['type'] for h in lrpet.custom_hooks] == ['LRPETHook']
+    differing = {k for k in set(lrpet) | set(base) if lrpet.get(k) != base.get(k)}
+    assert differing == {'custom_imports', 'custom_hooks'}
+    with DefaultScope.overwrite_default_scope(scope):
+        assert type(HOOKS.build(lrpet.custom_hooks[0])).__name__ == 'LRPETHook'

@@ -19,9 +19,10 @@ from torch import nn
 
 import lrpet_mm  # noqa: F401
 from lrpet_mm.analysis import count_flops, count_params, rank_plan_from_checkpoint
-from lrpet_mm.analysis.report import generate_report
-from lrpet_mm.models import build_model_from_config, factorize_checkpoint, load_config
-from helpers import REPO_ROOT, load_toy_config
+from lrpet_mm.analysis.report import (build_rows, default_input_shape, markdown_table,
+                                      measure_complexity)
+from lrpet_mm.models import build_model_from_config, load_config
+from helpers import CONFIG_DIR, REPO_ROOT, load_toy_config
 
 _spec = importlib.util.spec_from_file_location('report_cli', REPO_ROOT / 'tools' / 'report.py')
 report_cli = importlib.util.module_from_spec(_spec)
@@ -107,6 +108,9 @@ def load(config: Path, checkpoint: Path) -> nn.Module:
 def independent_counts(config: Path, checkpoint: Path) -> dict:
     model = load(config, checkpoint)
     scope = Config.fromfile(str(config)).default_scope
+    if scope == 'mmdet':
+        # as the report: RPN NMS off, so both models' RoI heads see max_per_img proposals
+        model.rpn_head.test_cfg.nms = None
     return dict(backbone_flops=count_flops(model.backbone, SHAPE),
                 backbone_params=count_params(model.backbone),
                 model_flops=count_flops(TensorForward(model, data_samples(scope, SHAPE)), SHAPE),
@@ -126,7 +130,10 @@ def rows_of(report: dict) -> dict:
     return {(row['part'], row['model']): row for row in report['rows']}
 
 
-def check_numbers(run: dict, tmp_path: Path, key: str) -> None:
+def check_numbers(run: dict, tmp_path: Path, key: str,
+                  test_runs=('original', 'compact')) -> None:
+    """FLOPs / params against independent counts; the metric of the models in ``test_runs``
+    against independent test runs."""
     report = run['report']
     rows = rows_of(report)
     for which, (config, ckpt) in (('original', (run['config'], run['checkpoint'])),
@@ -138,6 +145,8 @@ def check_numbers(run: dict, tmp_path: Path, key: str) -> None:
         assert rows['model', which]['flops'] == counts['model_flops']
         assert rows['model', which]['params'] == counts['model_params']
         assert rows['model', which]['flops_error'] is None
+        if which not in test_runs:
+            continue
         metrics = independent_test(config, ckpt, tmp_path / which)
         assert rows['model', which]['metric'] == pytest.approx(float(metrics[key]), abs=1e-9)
         assert report['metrics'][which][key] == pytest.approx(float(metrics[key]), abs=1e-9)
@@ -225,24 +234,51 @@ def test_seg_report_with_given_lowrank_files_without_eval(seg_run, tmp_path):
     code, stdout, stderr = cli(seg_run['config'], seg_run['checkpoint'], '--out', out,
                                '--lowrank-config', seg_run['lowrank_config'],
                                '--lowrank-checkpoint', seg_run['lowrank_checkpoint'],
-                               '--input-shape', *SHAPE, '--no-eval')
+                               '--input-shape', 3, 128, 64, '--no-eval')
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)  # nothing factorized
     report = json.loads((out / 'report.json').read_text())
-    assert report['metric'] is None
-    assert report['complexity'] == seg_run['report']['complexity']
+    assert report['input_shape'] == [3, 128, 64]
+    assert report['metric'] is None and report['metrics'] is None
     assert report['layers'] == seg_run['report']['layers']
     assert 'not evaluated' in (out / 'report.md').read_text()
+    # the backbone (output stride 8) scales exactly with the pixel count: 2x that at 64x64
+    small = seg_run['report']['complexity']
+    for which in ('original', 'compact'):
+        got = report['complexity'][which]['backbone']
+        assert got['flops'] == 2 * small[which]['backbone']['flops']
+        assert got['params'] == small[which]['backbone']['params']
 
 
-def test_default_input_shape_is_512_for_segmentation(seg_run, tmp_path):
-    report = generate_report(seg_run['config'], seg_run['checkpoint'], tmp_path / 'r',
-                             seg_run['lowrank_config'], seg_run['lowrank_checkpoint'],
-                             evaluate=False)
-    assert report['input_shape'] == [3, 512, 512]
-    model = load(seg_run['config'], seg_run['checkpoint'])
-    assert rows_of(report)['backbone', 'original']['flops'] == count_flops(model.backbone,
-                                                                           (3, 512, 512))
+@pytest.mark.parametrize('name,shape', [('pspnet_r18-d8_toy_voc12aug', (3, 512, 512)),
+                                        ('faster-rcnn_r18_fpn_toy_voc', (3, 600, 1000))])
+def test_default_input_shape_by_default_scope(name, shape):
+    assert default_input_shape(Config.fromfile(str(CONFIG_DIR / f'{name}.py'))) == shape
+    cfg = Config(dict(default_scope='mmpretrain'))
+    with pytest.raises(ValueError, match=r"default_scope 'mmpretrain'; the report supports"):
+        default_input_shape(cfg)
+
+
+class Untraceable(nn.Module):
+    """A model whose tensor forward cannot be traced (its backbone can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3)
+
+    def _forward(self, inputs, data_samples):
+        raise RuntimeError('cannot | trace this')
+
+
+def test_untraceable_whole_model_is_reported_not_fatal():
+    result = measure_complexity(Untraceable(), 'mmseg', (3, 8, 8))
+    assert result['backbone'] == dict(flops=4 * 27 * 36, params=4 * 27 + 4)
+    assert result['model'] == dict(flops=None, params=4 * 27 + 4,
+                                   flops_error='RuntimeError: cannot | trace this')
+    rows = build_rows(dict(original=result, compact=result), None)
+    table = markdown_table(dict(rows=rows, metric=None))
+    assert '| n/a (RuntimeError: cannot \\| trace this) |' in table
+    assert table.count('\n') == 6
 
 
 # ----------------------------------------------------------------------- errors
@@ -328,8 +364,9 @@ def test_det_report_numbers_match_independent_counts_and_test_runs(voc_root, tmp
                    dict(type='EpochBasedTrainLoop', max_epochs=1), 'epoch_1.pth',
                    '--no-progress')
     report = run['report']
-    assert report['task'] == 'detection'
+    assert report['task'] == 'detection' and report['rpn_proposals'] == 300
     assert len(report['layers']) == 20  # ResNet-18: stem conv + 16 + 3 downsample
-    check_numbers(run, tmp_path, 'pascal_voc/mAP')
+    # (one independent test run here, to save time: the compact metric is checked equal to it)
+    check_numbers(run, tmp_path, 'pascal_voc/mAP', test_runs=('original', ))
     assert 'RoI' in (run['out'] / 'report.md').read_text()
     shutil.rmtree(run['out'])

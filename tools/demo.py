@@ -47,9 +47,12 @@ def finished_checkpoint(work_dir: Path):
     if not path.is_file():
         return None
     from mmengine.config import Config
-    max_epochs = Config.fromfile(str(DEMO_CONFIG)).train_cfg.max_epochs
+    cfg = Config.fromfile(str(DEMO_CONFIG))
     meta = load_checkpoint_file(path).get('meta', {})
-    return path if meta.get('epoch') == max_epochs else None
+    stored = (meta.get('lrpet') or {}).get('settings', {})
+    hook = next(h for h in cfg.custom_hooks if h['type'] == 'LRPETHook')
+    same_hook = all(stored.get(k) == v for k, v in hook.items() if k != 'type')
+    return path if meta.get('epoch') == cfg.train_cfg.max_epochs and same_hook else None
 
 
 def main() -> int:

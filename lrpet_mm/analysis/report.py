@@ -114,9 +114,39 @@ class TensorForward(nn.Module):
         return self.model._forward(inputs, self.data_samples)
 
 
+def rpn_proposals(model: nn.Module) -> Optional[int]:
+    """``max_per_img`` of the model's RPN test config (two-stage detectors), else None."""
+    test_cfg = getattr(getattr(model, 'rpn_head', None), 'test_cfg', None)
+    if test_cfg is None or 'nms' not in test_cfg or 'max_per_img' not in test_cfg:
+        return None
+    return int(test_cfg['max_per_img'])
+
+
+@contextlib.contextmanager
+def fixed_proposal_count(model: nn.Module):
+    """Switch the RPN's NMS off while counting: the RoI head then runs on the RPN's top
+    ``max_per_img`` candidates, a number fixed by the input shape. With NMS on, how many
+    proposals survive depends on the weights (on an all-zero image, on ties broken by rounding
+    noise), so the projected and the compact model, equal up to ~1e-7, could be counted on
+    different numbers of RoIs."""
+    if rpn_proposals(model) is None:
+        yield
+        return
+    test_cfg = model.rpn_head.test_cfg
+    nms = test_cfg['nms']
+    test_cfg['nms'] = None  # mmcv's batched_nms: nms_cfg=None skips NMS
+    try:
+        yield
+    finally:
+        test_cfg['nms'] = nms
+
+
 def whole_model_flops(model: nn.Module, scope: str, input_shape: Sequence[int]) -> int:
-    """FLOPs of the model's tensor forward on one all-zero input of ``input_shape``."""
-    return count_flops(TensorForward(model, make_data_samples(scope, input_shape)), input_shape)
+    """FLOPs of the model's tensor forward on one all-zero input of ``input_shape`` (for a
+    two-stage detector, with a fixed number of proposals: see :func:`fixed_proposal_count`)."""
+    with fixed_proposal_count(model):
+        return count_flops(TensorForward(model, make_data_samples(scope, input_shape)),
+                           input_shape)
 
 
 def _error_text(e: BaseException, limit: int = 300) -> str:
@@ -181,7 +211,7 @@ class ReportProgressHook(Hook):
             self.bar = None
 
 
-def test_config(cfg: Config, checkpoint: PathLike, work_dir: PathLike) -> Config:
+def make_test_config(cfg: Config, checkpoint: PathLike, work_dir: PathLike) -> Config:
     """A copy of ``cfg`` for ``runner.test()`` of ``checkpoint`` (train / val parts removed)."""
     cfg = copy.deepcopy(cfg)
     for key in ('test_dataloader', 'test_evaluator'):
@@ -212,26 +242,27 @@ def evaluate_checkpoint(cfg: Config, checkpoint: PathLike, work_dir: PathLike,
     """
     from mmengine.runner import Runner
 
-    cfg = test_config(cfg, checkpoint, work_dir)
-    if verbose:
-        runner = Runner.from_cfg(cfg)
-        quiet = contextlib.nullcontext()
-    else:
-        # The console handler is created (and the environment/config logged) in the Runner's
-        # constructor: build it writing to a sink, then point the console at stderr, warnings
-        # and errors only. The log file in work_dir is unaffected. Upstream Python warnings
-        # (deprecations) are silenced and stray prints go to stderr: stdout stays clean.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter('ignore')
-            runner = Runner.from_cfg(cfg)
-        for handler in runner.logger.handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.setStream(sys.stderr)
-                handler.setLevel(max(handler.level, logging.WARNING))
-        quiet = _quiet_to_stderr()
-    if progress:
-        runner.register_hook(ReportProgressHook(title))
+    cfg = make_test_config(cfg, checkpoint, work_dir)
     try:
+        if verbose:
+            runner = Runner.from_cfg(cfg)
+            quiet = contextlib.nullcontext()
+        else:
+            # The console handler is created (and the environment / config logged) in the
+            # Runner's constructor: build it writing to a sink, then point the console at
+            # stderr, warnings and errors only. The log file in work_dir keeps everything.
+            # Upstream Python warnings (deprecations) are silenced and stray prints go to
+            # stderr: stdout stays clean.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter('ignore')
+                runner = Runner.from_cfg(cfg)
+            for handler in runner.logger.handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.setStream(sys.stderr)
+                    handler.setLevel(max(handler.level, logging.WARNING))
+            quiet = _quiet_to_stderr()
+        if progress:
+            runner.register_hook(ReportProgressHook(title))
         with quiet:
             metrics = runner.test()
     except Exception as e:
@@ -391,7 +422,7 @@ def markdown_table(report: dict) -> str:
         part = 'backbone' if row['part'] == 'backbone' else 'whole model'
         model = 'original (projected)' if row['model'] == 'original' else 'compact'
         flops = (format_count(row['flops']) if row['flops'] is not None
-                 else f'n/a ({row["flops_error"]})')
+                 else f'n/a ({row["flops_error"] or "not counted"})'.replace('|', '\\|'))
         metric_text = '' if row['metric'] is None else f'{row["metric"]:.4f}'
         lines.append(
             f'| {part} | {model} | {flops} | {format_count(row["params"])} '
@@ -414,9 +445,13 @@ def markdown_report(report: dict) -> str:
              f'- factorized layers: {len(report["layers"])}', '',
              markdown_table(report)]
     if report['task'] == 'detection':
-        lines += ['Whole-model FLOPs are the tensor forward (`model._forward`: backbone, neck, '
-                  'RPN and RoI heads, no post-processing); the RoI head\'s share depends on the '
-                  'number of proposals the RPN keeps for the all-zero image.', '']
+        text = ('Whole-model FLOPs are the tensor forward (`model._forward`: backbone, neck, '
+                'heads, no post-processing).')
+        if report.get('rpn_proposals') is not None:
+            text += (f' The RPN\'s NMS is off while counting, so the RoI head runs on the top '
+                     f'`max_per_img={report["rpn_proposals"]}` proposals (or all candidates if '
+                     'fewer) for both models alike.')
+        lines += [text, '']
     if report.get('metric') is None:
         lines += ['The task metric was not evaluated.', '']
     for warning in report.get('warnings', []):
@@ -566,7 +601,7 @@ def _generate_report(config, checkpoint, out_dir, lowrank_config, lowrank_checkp
 
         report = dict(
             task=TASKS[scope], default_scope=scope, input_shape=list(shape),
-            flops_convention=FLOPS_CONVENTION,
+            flops_convention=FLOPS_CONVENTION, rpn_proposals=rpn_proposals(original),
             original=dict(config=_abs(config), checkpoint=_abs(checkpoint)),
             compact=dict(config=_abs(lowrank_config), checkpoint=_abs(lowrank_checkpoint)),
             metric=metric, metrics=metrics,

@@ -4,7 +4,7 @@ import inspect
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from mmengine.dist import broadcast, get_world_size
+from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -17,6 +17,8 @@ from ..lowrank import (LowRankProjector, ProjectionStats, RankPlan, check_rank_r
                        get_scope_module, plan_ranks, select_targets)
 from ..lowrank.batchnorm import BNR_EPS
 from ..lowrank.targets import UNPAIRED_POLICIES
+from .lrpet_ddp import (DistributedProjectionStats, LRPETDDP, broadcast_weights,
+                        sync_projection_inputs)
 
 #: Key of the hook's state inside ``checkpoint['meta']``.
 META_KEY = 'lrpet'
@@ -40,6 +42,11 @@ class LRPETHook(Hook):
 
         custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
         custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5)]
+
+    In distributed training all ranks hold bit-identical weights after every projection:
+    every rank projects and then takes rank 0's weights, or, with
+    ``model_wrapper_cfg=dict(type='LRPETDDP')``, the layers are split across ranks and each
+    weight is broadcast from the rank that projected it (see :class:`LRPETDDP`).
 
     Args:
         rank_ratio (float, optional): rank pruning ratio p ∈ [0, 1); a layer with an (m, n)
@@ -232,8 +239,7 @@ class LRPETHook(Hook):
     def project(self, runner, step: int) -> ProjectionStats:
         """Project now (``step`` = training iterations completed) and record it."""
         where = f'iteration {step} (epoch {runner.epoch})'
-        stats = self.projector.project(where=where)
-        self._sync_across_ranks()
+        stats = self._project_all(runner, where)
         self.last_projected_step = step
         self.num_projections += 1
         hub = runner.message_hub
@@ -243,15 +249,38 @@ class LRPETHook(Hook):
         hub.update_scalar('train/lrpet_layers', stats.num_layers)
         print_log(f'LRPET projection #{self.num_projections} at {where}: {stats.num_layers} '
                   f'layers, energy kept before transfer mean {stats.energy_kept_mean:.4f} / '
-                  f'min {stats.energy_kept_min:.4f}, {stats.seconds * 1e3:.1f} ms',
-                  logger='current')
+                  f'min {stats.energy_kept_min:.4f}, {stats.seconds * 1e3:.1f} ms'
+                  f'{self._split_info(stats)}', logger='current')
+        return stats
+
+    def _project_all(self, runner, where: str) -> ProjectionStats:
+        """Project every planned layer; in distributed training all ranks end bit-identical.
+
+        With an :class:`~lrpet_mm.engine.LRPETDDP` model the work is split across ranks
+        (``LRPETDDP.lrpet_project``). Otherwise every rank projects all layers and then takes
+        rank 0's weights. Either way the BatchNorms used by BN rectification are first made
+        identical to rank 0's (their running statistics are not synchronized by DDP under
+        mmengine's default ``broadcast_buffers=False``).
+        """
+        if isinstance(runner.model, LRPETDDP):
+            return runner.model.lrpet_project(self.projector, where=where)
+        sync_projection_inputs(self.projector, src=0)
+        stats = self.projector.project(where=where)
+        self._sync_across_ranks()
         return stats
 
     def _sync_across_ranks(self) -> None:
         """Make every rank hold rank 0's projected weights (bit-identical)."""
         if get_world_size() > 1:
-            for weight in self.projector.weights().values():
-                broadcast(weight.data, src=0)
+            broadcast_weights(self.projector, src=0)
+
+    @staticmethod
+    def _split_info(stats: ProjectionStats) -> str:
+        if not isinstance(stats, DistributedProjectionStats):
+            return ''
+        share = ', '.join(f'{n} layers {s * 1e3:.1f} ms'
+                          for n, s in zip(stats.rank_layers, stats.rank_seconds))
+        return f' (split over {stats.world_size} ranks by LRPETDDP: {share})'
 
     def _due(self, count: int) -> bool:
         return count % self.interval == 0
@@ -280,10 +309,10 @@ class LRPETHook(Hook):
             return
         weights = self.projector.weights()
         self._val_backup = {name: w.detach().clone() for name, w in weights.items()}
-        stats = self.projector.project(where=f'validation at iteration {runner.iter}')
-        self._sync_across_ranks()
-        print_log(f'LRPET: validating with projected weights ({stats.num_layers} layers); '
-                  'training weights are restored afterwards', logger='current')
+        stats = self._project_all(runner, f'validation at iteration {runner.iter}')
+        print_log(f'LRPET: validating with projected weights ({stats.num_layers} layers, '
+                  f'{stats.seconds * 1e3:.1f} ms{self._split_info(stats)}); training weights '
+                  'are restored afterwards', logger='current')
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         if self._val_backup is None:

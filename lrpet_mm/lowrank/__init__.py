@@ -17,8 +17,9 @@ __all__ = [
     'ConvTarget', 'TargetSelection', 'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
 ]
 
-from .factorize import (FoldedConv, LowRankConv2d, factorize_conv, fold_conv_bn,  # noqa: E402
+from .factorize import (ConvFactorization, FoldedConv, LowRankConv2d,  # noqa: E402
+                        factorize_conv, factorize_conv_checked, fold_conv_bn,
                         relative_rank_k_error)
 
-__all__ += ['FoldedConv', 'LowRankConv2d', 'factorize_conv', 'fold_conv_bn',
+__all__ += ['ConvFactorization', 'factorize_conv_checked', 'FoldedConv', 'LowRankConv2d', 'factorize_conv', 'fold_conv_bn',
             'relative_rank_k_error']

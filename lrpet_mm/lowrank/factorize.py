@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import bn_scale
-from .projection import conv_weight_as_matrix, truncated_svd
+from .projection import conv_weight_as_matrix
 
 
 class LowRankConv2d(nn.Sequential):
@@ -56,28 +56,36 @@ def fold_conv_bn(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> FoldedCon
 @torch.no_grad()
 def relative_rank_k_error(conv: nn.Conv2d, rank: int, norm: Optional[nn.Module] = None) -> float:
     """‖W' − P_k(W')‖_F / ‖W'‖_F of the (BN-folded) weight: 0 for an exactly rank-k layer."""
-    folded = conv_weight_as_matrix(fold_conv_bn(conv, norm).weight)
-    total = float(folded.pow(2).sum())
+    matrix = conv_weight_as_matrix(fold_conv_bn(conv, norm).weight)
+    return _tail_ratio(torch.linalg.svdvals(matrix.cpu()), rank)
+
+
+def _tail_ratio(singular_values: Tensor, rank: int) -> float:
+    total = float(singular_values.pow(2).sum())
     if total == 0.0:
         return 0.0
-    s = torch.linalg.svdvals(folded.cpu())
-    return float(s[rank:].pow(2).sum() / total) ** 0.5
+    return (float(singular_values[rank:].pow(2).sum()) / total) ** 0.5
+
+
+@dataclass
+class ConvFactorization:
+    """A factorized conv and the relative rank-k error of the weight it was made from."""
+    pair: 'LowRankConv2d'
+    relative_error: float
 
 
 @torch.no_grad()
-def factorize_conv(conv: nn.Conv2d, rank: int,
-                   norm: Optional[nn.Module] = None) -> LowRankConv2d:
-    """Replace ``conv`` (and ``norm``, folded) by two cascaded convs of inner width ``rank``.
-
-    The result reproduces ``norm(conv(x))`` (eval-mode BN) exactly when the folded weight has
-    rank <= ``rank``, and is the best rank-``rank`` approximation otherwise. It has the dtype
-    and device of ``conv``.
-    """
+def factorize_conv_checked(conv: nn.Conv2d, rank: int,
+                           norm: Optional[nn.Module] = None) -> ConvFactorization:
+    """:func:`factorize_conv` plus the relative rank-k error, from one float64 SVD."""
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
         raise ValueError(f'can only factorize a Conv2d with groups=1, got {conv!r}')
+    if not 1 <= rank <= min(conv.out_channels, conv.weight[0].numel()):
+        raise ValueError(f'rank {rank} out of range for {conv!r}')
     folded = fold_conv_bn(conv, norm)
-    matrix = conv_weight_as_matrix(folded.weight)
-    u, s, vh = truncated_svd(matrix, rank)
+    u, s, vh = torch.linalg.svd(conv_weight_as_matrix(folded.weight), full_matrices=False)
+    error = _tail_ratio(s, rank)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     root = s.sqrt()
     n_out, n_in, *kernel = conv.weight.shape
     reduce = nn.Conv2d(n_in, rank, tuple(kernel), stride=conv.stride, padding=conv.padding,
@@ -90,4 +98,15 @@ def factorize_conv(conv: nn.Conv2d, rank: int,
     reduce.weight.copy_((root[:, None] * vh).reshape(rank, n_in, *kernel))
     expand.weight.copy_((u * root).reshape(n_out, rank, 1, 1))
     expand.bias.copy_(folded.bias)
-    return LowRankConv2d(reduce, expand)
+    return ConvFactorization(LowRankConv2d(reduce, expand), error)
+
+
+def factorize_conv(conv: nn.Conv2d, rank: int,
+                   norm: Optional[nn.Module] = None) -> LowRankConv2d:
+    """Replace ``conv`` (and ``norm``, folded) by two cascaded convs of inner width ``rank``.
+
+    The result reproduces ``norm(conv(x))`` (eval-mode BN) exactly when the folded weight has
+    rank <= ``rank``, and is the best rank-``rank`` approximation otherwise. It has the dtype
+    and device of ``conv``.
+    """
+    return factorize_conv_checked(conv, rank, norm).pair

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..lowrank import RankPlan, factorize_conv, find_conv_norm_pairs, relative_rank_k_error
+from ..lowrank import RankPlan, find_conv_norm_pairs, relative_rank_k_error
+from ..lowrank.factorize import factorize_conv_checked
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
 from .factorized_module import set_submodule
 
@@ -46,8 +47,10 @@ class CompactModel:
     components: Dict[str, dict] = field(default_factory=dict)
 
 
-def measure_rank_errors(model: nn.Module, plan: RankPlan) -> List[FactorizedLayer]:
-    """For each planned conv: its BN (by structure) and the relative rank-k error."""
+def measure_rank_errors(model: nn.Module, plan: RankPlan,
+                        compute_error: bool = True) -> List[FactorizedLayer]:
+    """For each planned conv: its BN (by structure) and the relative rank-k error (NaN when
+    ``compute_error`` is False)."""
     pairs = find_conv_norm_pairs(model)
     layers = []
     for layer in plan.layers.values():
@@ -60,7 +63,8 @@ def measure_rank_errors(model: nn.Module, plan: RankPlan) -> List[FactorizedLaye
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and not (is_batch_norm(norm) and has_running_stats(norm)):
             norm_name, norm = None, None  # only BN with running stats is folded
-        error = relative_rank_k_error(conv, layer.rank, norm)
+        error = (relative_rank_k_error(conv, layer.rank, norm) if compute_error else
+                 float('nan'))
         layers.append(FactorizedLayer(layer.name, layer.rank, norm_name, error))
     return layers
 
@@ -81,7 +85,14 @@ def factorize_model(model: nn.Module, plan: RankPlan, tol: float = 1e-3,
         NotLowRankError: some layer's weight is not rank-k within ``tol`` and not ``force``.
     """
     compact = copy.deepcopy(model).eval()
-    layers = measure_rank_errors(compact, plan)
+    layers = measure_rank_errors(compact, plan, compute_error=False)
+    pairs = {}
+    for layer in layers:  # one SVD per layer gives both the error and the factors
+        conv = compact.get_submodule(layer.name)
+        norm = compact.get_submodule(layer.folded_norm) if layer.folded_norm else None
+        result = factorize_conv_checked(conv, layer.rank, norm)
+        layer.relative_error = result.relative_error
+        pairs[layer.name] = result.pair
     bad = [layer for layer in layers if layer.relative_error > tol]
     if bad and not force:
         rows = '\n'.join(f'  {layer.name}: rank {layer.rank}, relative error '
@@ -92,9 +103,7 @@ def factorize_model(model: nn.Module, plan: RankPlan, tol: float = 1e-3,
             f'Use --force to factorize anyway (accuracy will drop).\n{rows}')
     result = CompactModel(compact, layers)
     for layer in layers:
-        conv = compact.get_submodule(layer.name)
-        norm = compact.get_submodule(layer.folded_norm) if layer.folded_norm else None
-        set_submodule(compact, layer.name, factorize_conv(conv, layer.rank, norm))
+        set_submodule(compact, layer.name, pairs[layer.name])
         component, _, relative = layer.name.partition('.')
         spec = result.components.setdefault(component, dict(ranks={}, folded_norms={}))
         spec['ranks'][relative] = layer.rank
