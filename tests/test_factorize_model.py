@@ -9,7 +9,8 @@ from mmengine.structures import InstanceData
 
 import lrpet_mm  # noqa: F401
 from lrpet_mm.lowrank import LowRankConv2d, LowRankProjector, plan_ranks, select_targets
-from lrpet_mm.models import (NotLowRankError, apply_factorized_structure, factorize_model)
+from lrpet_mm.models import (NotLowRankError, apply_factorized_structure, factorize_model,
+                             measure_rank_errors)
 
 
 def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
@@ -138,3 +139,18 @@ def test_builder_structure_matches_factorized_state_dict_keys():
     expected = {k for k in compact.model.state_dict() if k.startswith('backbone.')}
     assert {f'backbone.{k}' for k in rebuilt.state_dict()} == expected
     assert 'backbone.stem.0.0.weight' in expected and 'backbone.stem.1.weight' not in expected
+
+
+def test_measure_rank_errors_pairs_bns_and_flags_the_perturbed_layer():
+    torch.manual_seed(0)
+    model = build(segmentor_cfg(), 'mmseg')
+    randomize_bn_stats(model, seed=2)
+    plan = project(model, 0.5)
+    with torch.no_grad():
+        model.backbone.layer1[0].conv2.weight.mul_(1 + 0.5 * torch.rand_like(
+            model.backbone.layer1[0].conv2.weight))
+    layers = {layer.name: layer for layer in measure_rank_errors(model, plan)}
+    assert layers['backbone.stem.3'].folded_norm == 'backbone.stem.4'
+    assert layers['backbone.layer1.0.conv2'].relative_error > 1e-2
+    assert max(layer.relative_error for name, layer in layers.items()
+               if name != 'backbone.layer1.0.conv2') < 1e-5

@@ -1,10 +1,10 @@
 from .compact_model import (CompactModel, FactorizedLayer, NotLowRankError, factorize_model,
-                            measure_rank_errors)
+                            measure_rank_errors, planned_layers)
 from .factorized_module import (LRPETFactorized, apply_factorized_structure,
                                 empty_factorized_conv, set_submodule)
 
 __all__ = ['CompactModel', 'FactorizedLayer', 'NotLowRankError', 'factorize_model',
-           'measure_rank_errors', 'LRPETFactorized', 'apply_factorized_structure',
+           'measure_rank_errors', 'planned_layers', 'LRPETFactorized', 'apply_factorized_structure',
            'empty_factorized_conv', 'set_submodule']
 
 from .factorize_checkpoint import (FactorizeOutput, build_model_from_config,  # noqa: E402

@@ -47,25 +47,32 @@ class CompactModel:
     components: Dict[str, dict] = field(default_factory=dict)
 
 
-def measure_rank_errors(model: nn.Module, plan: RankPlan,
-                        compute_error: bool = True) -> List[FactorizedLayer]:
-    """For each planned conv: its BN (by structure) and the relative rank-k error (NaN when
-    ``compute_error`` is False)."""
+def planned_layers(model: nn.Module, plan: RankPlan) -> List[FactorizedLayer]:
+    """Each planned conv with the BN to fold into it (found by structure; only a BN with
+    running stats is folded). ``relative_error`` is NaN until measured."""
     pairs = find_conv_norm_pairs(model)
     layers = []
     for layer in plan.layers.values():
         try:
-            conv = model.get_submodule(layer.name)
+            model.get_submodule(layer.name)
         except AttributeError:
             raise KeyError(f'the rank plan names {layer.name!r}, which the model does not '
                            'have (config/checkpoint mismatch?)') from None
         norm_name = pairs.get(layer.name)
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and not (is_batch_norm(norm) and has_running_stats(norm)):
-            norm_name, norm = None, None  # only BN with running stats is folded
-        error = (relative_rank_k_error(conv, layer.rank, norm) if compute_error else
-                 float('nan'))
-        layers.append(FactorizedLayer(layer.name, layer.rank, norm_name, error))
+            norm_name = None
+        layers.append(FactorizedLayer(layer.name, layer.rank, norm_name, float('nan')))
+    return layers
+
+
+def measure_rank_errors(model: nn.Module, plan: RankPlan) -> List[FactorizedLayer]:
+    """:func:`planned_layers` with each layer's relative rank-k error measured."""
+    layers = planned_layers(model, plan)
+    for layer in layers:
+        norm = model.get_submodule(layer.folded_norm) if layer.folded_norm else None
+        layer.relative_error = relative_rank_k_error(model.get_submodule(layer.name),
+                                                     layer.rank, norm)
     return layers
 
 
@@ -85,7 +92,7 @@ def factorize_model(model: nn.Module, plan: RankPlan, tol: float = 1e-3,
         NotLowRankError: some layer's weight is not rank-k within ``tol`` and not ``force``.
     """
     compact = copy.deepcopy(model).eval()
-    layers = measure_rank_errors(compact, plan, compute_error=False)
+    layers = planned_layers(compact, plan)
     pairs = {}
     for layer in layers:  # one SVD per layer gives both the error and the factors
         conv = compact.get_submodule(layer.name)
