@@ -7,6 +7,7 @@ import torch
 
 from ..lowrank import RankPlan, numerical_rank
 
+#: Key of LRPETHook's state inside ``checkpoint['meta']``.
 META_KEY = 'lrpet'
 
 

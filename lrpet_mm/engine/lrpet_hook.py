@@ -11,6 +11,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 
+from ..analysis.checkpoint_summary import META_KEY  # key of the hook's state in meta
 from ..analysis.flops import check_flops_reduction, plan_ranks_for_flops
 from ..analysis.input_shape import infer_input_shape
 from ..lowrank import (LowRankProjector, ProjectionStats, RankPlan, check_rank_ratio,
@@ -20,8 +21,6 @@ from ..lowrank.targets import UNPAIRED_POLICIES
 from .lrpet_ddp import (DistributedProjectionStats, LRPETDDP, broadcast_weights,
                         sync_projection_inputs)
 
-#: Key of the hook's state inside ``checkpoint['meta']``.
-META_KEY = 'lrpet'
 STATE_VERSION = 1
 
 
@@ -226,14 +225,11 @@ class LRPETHook(Hook):
             state = self._resumed_state
             self.last_projected_step = int(state['last_projected_step'])
             self.num_projections = int(state['num_projections'])
-            if state.get('settings') != self._comparable_settings():
+            if state.get('settings') != self.settings():
                 print_log('LRPET: the hook settings differ from the resumed checkpoint; the '
                           'stored rank plan is kept', logger='current', level=30)
         self.build_plan(self._bare_model(runner), runner.cfg)
         self._resumed_state = None
-
-    def _comparable_settings(self) -> dict:
-        return copy.deepcopy(self.settings())
 
     # ------------------------------------------------------------------ projection
     def project(self, runner, step: int) -> ProjectionStats:
@@ -325,7 +321,7 @@ class LRPETHook(Hook):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         """JSON-able state: version, settings, rank plan and schedule position."""
-        return dict(version=STATE_VERSION, settings=self._comparable_settings(),
+        return dict(version=STATE_VERSION, settings=copy.deepcopy(self.settings()),
                     plan=self.plan.to_dict() if self.plan is not None else None,
                     flops=self.flops_info, last_projected_step=self.last_projected_step,
                     num_projections=self.num_projections)
