@@ -38,6 +38,11 @@ class ValWeightsProbe(Hook):
 
     def __init__(self):
         self.records: List[dict] = []
+        self.bases_before_val: Dict[str, torch.Tensor] = {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
+        self.bases_before_val = {k: v.clone() for k, v in hook.projector.bases.items()}
 
     def before_val_epoch(self, runner):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
@@ -50,6 +55,10 @@ class ValWeightsProbe(Hook):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
         self.records[-1]['weights_after_val'] = {
             name: w.detach().clone() for name, w in hook.projector.weights().items()}
+        bases = hook.projector.bases
+        self.records[-1]['bases_kept'] = (
+            set(bases) == set(self.bases_before_val)
+            and all(torch.equal(bases[k], v) for k, v in self.bases_before_val.items()))
 
 
 @pytest.fixture
@@ -106,6 +115,8 @@ def test_faster_rcnn_trains_with_lrpet_by_epoch(voc_root, tmp_path, projection_l
 
     probe = next(h for h in runner.hooks if isinstance(h, ValWeightsProbe))
     assert [r['low_rank_during_val'] for r in probe.records] == [True, True]
+    # the validation-time projection does not move the warm-start bases (resume stays exact)
+    assert [r['bases_kept'] for r in probe.records] == [True, True]
     assert all('pascal_voc/mAP' in r['metrics'] for r in probe.records)
 
     hub = runner.message_hub
@@ -149,6 +160,8 @@ def test_pspnet_trains_with_lrpet_by_iteration_and_validates_projected_weights(
     probe = next(h for h in runner.hooks if isinstance(h, ValWeightsProbe))
     assert [r['iter'] for r in probe.records] == [3, 6]
     assert [r['low_rank_during_val'] for r in probe.records] == [True, True]
+    # the validation-time projection does not move the warm-start bases (resume stays exact)
+    assert [r['bases_kept'] for r in probe.records] == [True, True]
     assert all('mIoU' in r['metrics'] for r in probe.records)
     # after the mid-schedule validation the training (not projected) weights were restored
     first_val_weights = probe.records[0]['weights_after_val']

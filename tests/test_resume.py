@@ -6,6 +6,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
+from lrpet_mm.analysis.checkpoint_summary import BASES_KEY
 from lrpet_mm.engine import LRPETHook
 from helpers import load_toy_config
 
@@ -53,12 +54,14 @@ def projections_of(runner):
 
 
 def test_resume_continues_the_schedule_exactly(voc_root, tmp_path, monkeypatch):
-    steps = []
+    steps, warm = [], []
     original = LRPETHook.project
 
     def spy(self, runner, step):
         steps.append(step)
-        return original(self, runner, step)
+        stats = original(self, runner, step)
+        warm.append(stats.num_warm)
+        return stats
 
     monkeypatch.setattr(LRPETHook, 'project', spy)
 
@@ -66,6 +69,9 @@ def test_resume_continues_the_schedule_exactly(voc_root, tmp_path, monkeypatch):
     straight.train()
     straight_steps, steps[:] = list(steps), []
     assert straight_steps == [2, 4, 6]
+    # The later projections start from the saved subspace bases (so the bit-for-bit check
+    # below covers warm starts): projection #1 is exact, #2 and #3 mostly warm.
+    assert warm[0] == 0 and min(warm[1:]) > 0, warm
 
     cfg = deterministic_seg_config(voc_root, tmp_path / 'split', 6)
     cfg.custom_hooks.append(dict(type='InterruptAfter', iteration=3))
@@ -73,6 +79,8 @@ def test_resume_continues_the_schedule_exactly(voc_root, tmp_path, monkeypatch):
         Runner.from_cfg(cfg).train()  # killed right after iteration 3 was checkpointed
     assert steps == [2]
     steps[:] = []
+    saved = torch.load(tmp_path / 'split' / 'iter_3.pth', map_location='cpu', weights_only=False)
+    assert set(saved[BASES_KEY]) == {d['name'] for d in saved['meta']['lrpet']['plan']['layers']}
     cfg = deterministic_seg_config(voc_root, tmp_path / 'split', 6)
     cfg.resume = True
     cfg.load_from = str(tmp_path / 'split' / 'iter_3.pth')

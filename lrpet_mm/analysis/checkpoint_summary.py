@@ -9,6 +9,8 @@ from ..lowrank import RankPlan, numerical_rank
 
 #: Key of LRPETHook's state inside ``checkpoint['meta']``.
 META_KEY = 'lrpet'
+#: Top-level checkpoint key of the hook's warm-start subspace bases ``{layer: (s, k) tensor}``.
+BASES_KEY = 'lrpet_bases'
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict:

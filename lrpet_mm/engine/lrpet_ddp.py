@@ -122,6 +122,33 @@ def broadcast_weights(projector: LowRankProjector, src: int = 0) -> None:
         broadcast_coalesced([w.data for w in projector.weights().values()], src)
 
 
+def broadcast_bases(projector: LowRankProjector, owners: Dict[str, int]) -> None:
+    """Every rank takes each layer's warm-start basis from the rank that projected it.
+
+    Keeps the bases identical on all ranks, so the checkpoint (saved by rank 0) holds every
+    layer's basis and a resumed run warm-starts exactly as the uninterrupted one. A layer
+    without a basis on its owner (an all-zero weight) is sent as NaN and dropped everywhere.
+    """
+    rank = get_rank()
+    for target in projector.targets:
+        name = target.name
+        if name not in projector.bases or owners.get(name) != rank:
+            weight = target.conv.weight
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) \
+                else torch.float32
+            shape = (min(target.matrix_shape), projector.plan.rank_of(name))
+            if owners.get(name) == rank:  # the owner has none: announce "no basis"
+                projector.bases[name] = torch.full(shape, float('nan'), dtype=dtype,
+                                                   device=weight.device)
+            elif name not in projector.bases or tuple(projector.bases[name].shape) != shape:
+                projector.bases[name] = torch.empty(shape, dtype=dtype, device=weight.device)
+    for src in range(get_world_size()):
+        broadcast_coalesced([projector.bases[name] for name, owner in owners.items()
+                             if owner == src], src)
+    for name in [n for n, b in projector.bases.items() if not bool(torch.isfinite(b).all())]:
+        del projector.bases[name]
+
+
 @MODEL_WRAPPERS.register_module()
 class LRPETDDP(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` that splits LRPET's projections across ranks.
@@ -183,6 +210,7 @@ class LRPETDDP(MMDistributedDataParallel):
         except Exception as e:  # report to the other ranks instead of leaving them waiting
             error = e
         report = dict(energy_kept=local.energy_kept, seconds=local.seconds,
+                      methods=local.methods,
                       num_layers=local.num_layers,
                       error=None if error is None else (type(error).__name__, str(error)))
         reports = all_gather_object(report)
@@ -199,13 +227,17 @@ class LRPETDDP(MMDistributedDataParallel):
             for src in range(world_size):
                 broadcast_coalesced([weights[name].data for name, owner in owners.items()
                                      if owner == src], src)
+            if projector.warm_start:
+                broadcast_bases(projector, owners)
 
         energy: Dict[str, float] = {}
+        methods: Dict[str, str] = {}
         for rep in reports:
             energy.update(rep['energy_kept'])
+            methods.update(rep['methods'])
         energy = {t.name: energy[t.name] for t in projector.targets if t.name in energy}
         return DistributedProjectionStats(
-            num_layers=len(energy), energy_kept=energy,
+            num_layers=len(energy), energy_kept=energy, methods=methods,
             seconds=time.perf_counter() - start, world_size=world_size, owners=dict(owners),
             rank_seconds=[float(rep['seconds']) for rep in reports],
             rank_layers=[int(rep['num_layers']) for rep in reports])

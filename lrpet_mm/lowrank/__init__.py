@@ -1,7 +1,8 @@
 """Pure-PyTorch core of LRPET: projection, energy transfer, BN rectification, rank planning,
 target discovery. Nothing here imports OpenMMLab packages."""
 from .batchnorm import BNR_EPS, bn_scale, fold_bn_scale, is_batch_norm, unfold_bn_scale
-from .projection import (LowRankProjection, ProjectionError, conv_weight_as_matrix,
+from .projection import (PROJECTION_METHODS, LowRankProjection, ProjectionError,
+                         conv_weight_as_matrix,
                          numerical_rank, project_low_rank, truncated_svd)
 from .projector import LowRankProjector, ProjectionStats
 from .ranks import (LayerRank, RankPlan, check_rank_ratio, factorization_pays, plan_ranks,
@@ -11,7 +12,7 @@ from .targets import (ConvTarget, TargetSelection, find_conv_norm_pairs, get_sco
 
 __all__ = [
     'BNR_EPS', 'bn_scale', 'fold_bn_scale', 'is_batch_norm', 'unfold_bn_scale',
-    'LowRankProjection', 'ProjectionError', 'conv_weight_as_matrix', 'numerical_rank',
+    'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError', 'conv_weight_as_matrix', 'numerical_rank',
     'project_low_rank', 'truncated_svd', 'LowRankProjector', 'ProjectionStats', 'LayerRank',
     'RankPlan', 'check_rank_ratio', 'factorization_pays', 'plan_ranks', 'rank_for_ratio',
     'ConvTarget', 'TargetSelection', 'find_conv_norm_pairs', 'get_scope_module', 'select_targets'

@@ -46,5 +46,9 @@ def unfold_bn_scale(folded: Tensor, scale: Tensor, eps: float = BNR_EPS) -> Tens
 
     W = (Γ² + εI)⁻¹ Γ W'_k, i.e. row i scaled by a_i / (a_i² + ε).
     """
-    s = scale.to(folded.dtype)
-    return folded * (s / (s * s + eps))[:, None]
+    return folded * unfold_factor(scale.to(folded.dtype), eps)[:, None]
+
+
+def unfold_factor(scale: Tensor, eps: float = BNR_EPS) -> Tensor:
+    """Per-row factor a / (a² + ε) of paper eq. 16, shape (m,)."""
+    return scale / (scale * scale + eps)

@@ -4,10 +4,14 @@ A conv weight of shape (n_out, n_in, kh, kw) is viewed as the matrix
 W ∈ R^{m × n}, m = n_out, n = n_in·kh·kw (see :func:`conv_weight_as_matrix`).
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .subspace import (ENERGY_RTOL, certificate_holds, excess_energy_bound, exact_top_basis,
+                       gram_matrix, project_on_basis, refine_basis, smaller_side,
+                       rounding_margin, warm_start_usable)
 
 
 class ProjectionError(RuntimeError):
@@ -49,6 +53,12 @@ def truncated_svd(matrix: Tensor, rank: int) -> Tuple[Tensor, Tensor, Tensor]:
     return u[:, :rank], s[:rank], vh[:rank]
 
 
+#: Most subspace iterations of one warm-started projection (each: two (s, s)×(s, k) products).
+WARM_ITERATIONS = 3
+#: Projection methods of :func:`project_low_rank`.
+PROJECTION_METHODS = ('auto', 'exact', 'svd')
+
+
 @dataclass
 class LowRankProjection:
     """Result of :func:`project_low_rank`.
@@ -57,28 +67,151 @@ class LowRankProjection:
         matrix: (m, n) projected matrix of rank <= k, same dtype/device as the input.
         energy_kept: ‖P_k(W)‖_F² / ‖W‖_F² before energy transfer, in [0, 1].
         scale: factor α applied to the kept singular values (1.0 without energy transfer).
+        basis: (s, k) orthonormal basis of the kept singular subspace on the smaller side
+            (s = min(m, n); left singular vectors if m <= n, else right ones), in the working
+            dtype; pass it as ``warm_basis`` to the next projection of the same layer.
+        method: how the subspace was obtained: ``'warm'`` / ``'warm-f64'`` (certified
+            subspace iteration on the working-dtype / float64 Gram matrix), ``'exact'``
+            (float64 Gram eigendecomposition) or ``'svd'`` (full SVD).
     """
     matrix: Tensor
     energy_kept: float
     scale: float
+    basis: Optional[Tensor] = None
+    method: str = 'exact'
 
 
-def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True) -> LowRankProjection:
+def _trace(gram: Tensor) -> float:
+    """tr(G) = ‖M‖_F², summed in float64."""
+    return float(torch.diagonal(gram).double().sum())
+
+
+def _warm_attempt(work: Tensor, gram: Tensor, start: Tensor, side: str,
+                  row_scale: Optional[Tensor], rtol: float, label: str) -> tuple:
+    """One certified subspace iteration on ``gram`` from ``start``.
+
+    Returns ``(projected, kept_energy, total_energy, basis, outcome)``, with ``projected``
+    None when the certificate does not hold or a solver failed (``outcome`` then says why:
+    see :class:`~lrpet_mm.lowrank.subspace.RitzBasis`)."""
+    total_energy = _trace(gram)
+    if total_energy == 0.0:
+        return None, 0.0, 0.0, None, 'zero'
+    try:
+        ritz = refine_basis(gram, start.to(gram.dtype), WARM_ITERATIONS, rtol)
+    except RuntimeError:  # solver failure: the caller falls back to the exact method
+        return None, 0.0, total_energy, None, 'solver-failure'
+    if ritz.outcome in ('no-gap', 'max-iterations'):
+        return None, 0.0, total_energy, None, ritz.outcome
+    basis = ritz.basis.to(work.dtype)
+    projected, kept_energy = project_on_basis(work, basis, side, row_scale)
+    residual = max(total_energy - kept_energy, 0.0)
+    margin = rounding_margin(total_energy, work.dtype)
+    bound = excess_energy_bound(ritz, residual + margin)
+    if not certificate_holds(bound, residual, total_energy, work.dtype, rtol):
+        return None, 0.0, total_energy, None, 'stagnated'
+    return projected, kept_energy, total_energy, basis, 'certified'
+
+
+def _top_basis_by_svd(work: Tensor, rank: int, side: str) -> Tensor:
+    u, _, vh = truncated_svd(work, rank)
+    return u if side == 'left' else vh.t()
+
+
+def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True,
+                     warm_basis: Optional[Tensor] = None, method: str = 'auto',
+                     rtol: float = ENERGY_RTOL, row_scale: Optional[Tensor] = None
+                     ) -> LowRankProjection:
     """Project a (m, n) matrix onto the rank-``rank`` matrices (Eckart–Young optimum).
+
+    With ``row_scale`` a (shape (m,)) the matrix projected is diag(a)·M (the BN-folded weight
+    of BN rectification), without forming it.
 
     With ``energy_transfer`` the kept singular values are multiplied by
     α = ‖W‖_F / ‖P_k(W)‖_F, so the result has the same Frobenius norm as ``matrix``.
+
+    Only the top-k singular subspace on the smaller side is computed (see
+    :mod:`~lrpet_mm.lowrank.subspace`). ``method``:
+
+    * ``'auto'`` (default): with a ``warm_basis`` of shape (min(m, n), k) — the ``basis`` of
+      the previous projection of this layer — one step of subspace iteration on the Gram
+      matrix in the working dtype (``method='warm'``), accepted if its residual certificate
+      shows ‖W − P̂‖_F² <= (1 + ``rtol``)·Σ_{i>k} σ_i²; failing that the same on the float64
+      Gram matrix (``'warm-f64'``); failing that, and without a warm basis, as ``'exact'``;
+    * ``'exact'``: eigendecomposition of the float64 Gram matrix of the smaller side;
+    * ``'svd'``: full thin SVD (the reference; slow).
+
+    Half-precision input is computed in float32. Raises :class:`ProjectionError` if the
+    eigen/singular value solver fails (after a float64 CPU retry).
     """
-    u, s, vh = truncated_svd(matrix, rank)
-    total_energy = float(matrix.detach().double().pow(2).sum())
-    kept_energy = float(s.double().pow(2).sum())
-    if total_energy == 0.0 or kept_energy == 0.0:
-        # An all-zero matrix is already of rank 0 <= k: keep it (no division by zero).
-        return LowRankProjection(torch.zeros_like(matrix), 1.0, 1.0)
+    if matrix.dim() != 2:
+        raise ValueError(f'expected a 2-D matrix, got shape {tuple(matrix.shape)}')
+    if not 1 <= rank <= min(matrix.shape):
+        raise ValueError(f'rank must be in [1, {min(matrix.shape)}] for a matrix of shape '
+                         f'{tuple(matrix.shape)}, got {rank}')
+    if method not in PROJECTION_METHODS:
+        raise ValueError(f'method must be one of {PROJECTION_METHODS}, got {method!r}')
+    work = matrix.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    side = smaller_side(tuple(work.shape))
+    warm = (warm_basis.to(device=work.device, dtype=work.dtype)
+            if method == 'auto' and warm_start_usable(warm_basis, min(work.shape), rank)
+            else None)
+    attempt = None
+    if warm is not None:
+        # Tier 1: subspace iteration in the working dtype (float32 for float32 weights).
+        gram = gram_matrix(work, side, work.dtype, row_scale)
+        attempt = _warm_attempt(work, gram, warm, side, row_scale, rtol, 'warm')
+        del gram
+    if method == 'svd':
+        folded = work if row_scale is None else work * row_scale.to(work.dtype)[:, None]
+        total_energy = float(folded.double().pow(2).sum())
+        if total_energy == 0.0:
+            return LowRankProjection(torch.zeros_like(matrix), 1.0, 1.0, None, method)
+        basis = _top_basis_by_svd(folded, rank, side)
+        del folded
+        projected, kept_energy = project_on_basis(work, basis, side, row_scale)
+        used = 'svd'
+    elif attempt is not None and attempt[0] is not None:
+        projected, kept_energy, total_energy, basis, _ = attempt
+        used = 'warm'
+    else:
+        gram = gram_matrix(work, side, torch.float64, row_scale)
+        total_energy = _trace(gram)
+        if total_energy == 0.0:
+            # An all-zero matrix is already of rank 0 <= k: keep it.
+            return LowRankProjection(torch.zeros_like(matrix), 1.0, 1.0, None, 'exact')
+        rounding_limited = attempt is not None and attempt[4] == 'stagnated'
+        attempt = None
+        if rounding_limited and work.dtype != torch.float64:
+            # Tier 2: the same iteration on the float64 Gram, where float32 rounding hid the
+            # gap at the cut (tier 1 stagnated with a gap; a basis far from converged goes
+            # straight to the exact method).
+            attempt = _warm_attempt(work, gram, warm.double(), side, row_scale, rtol,
+                                    'warm-f64')
+        if attempt is not None and attempt[0] is not None:
+            projected, kept_energy, total_energy, basis, _ = attempt
+            used = 'warm-f64'
+        else:
+            used = 'exact'
+            try:
+                basis, _ = exact_top_basis(gram, rank)
+            except RuntimeError as e:
+                raise ProjectionError(f'eigendecomposition of the Gram matrix of a '
+                                      f'{tuple(matrix.shape)} matrix failed: {e}') from e
+            basis = basis.to(work.dtype)
+            projected, kept_energy = project_on_basis(work, basis, side, row_scale)
+        del gram
+    kept_energy = min(kept_energy, total_energy)
+    if kept_energy == 0.0:
+        return LowRankProjection(torch.zeros_like(matrix), 0.0, 1.0, basis, used)
     energy_kept = min(kept_energy / total_energy, 1.0)
     scale = (total_energy / kept_energy) ** 0.5 if energy_transfer else 1.0
-    projected = (u * (s * scale)) @ vh
-    return LowRankProjection(projected.to(matrix.dtype), energy_kept, scale)
+    if scale != 1.0:
+        projected.mul_(scale)
+    if projected.dtype != matrix.dtype:
+        projected = projected.to(matrix.dtype)
+    return LowRankProjection(projected, energy_kept, scale, basis, used)
 
 
 def numerical_rank(matrix: Tensor, rtol: float = 1e-5) -> int:

@@ -1,4 +1,5 @@
 """Apply LRPET's projection (LRP + optional ET + optional BNR) to a model's targeted convs."""
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -6,8 +7,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import BNR_EPS, bn_scale, fold_bn_scale, unfold_bn_scale
-from .projection import ProjectionError, conv_weight_as_matrix, project_low_rank
+from .batchnorm import BNR_EPS, bn_scale, unfold_factor
+from .projection import (PROJECTION_METHODS, ProjectionError, conv_weight_as_matrix,
+                         project_low_rank)
+from .subspace import warm_start_usable
 from .ranks import RankPlan
 from .targets import ConvTarget
 
@@ -21,10 +24,18 @@ class ProjectionStats:
         energy_kept: ``{layer: ‖P_k(W)‖²/‖W‖²}`` before energy transfer (of the BN-folded
             weight where BNR is on).
         seconds: wall time of the pass.
+        methods: ``{layer: 'warm' | 'exact' | 'svd'}``, how each subspace was obtained (see
+            :func:`~lrpet_mm.lowrank.projection.project_low_rank`).
     """
     num_layers: int
     energy_kept: Dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    methods: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_warm(self) -> int:
+        """Layers whose warm-started subspace passed the residual certificate."""
+        return sum(1 for m in self.methods.values() if m.startswith('warm'))
 
     @property
     def energy_kept_mean(self) -> float:
@@ -44,19 +55,37 @@ class LowRankProjector:
     overwritten with ``copy_`` so parameters, gradients and optimizer state keep their
     identity, shape, dtype and device.
 
+    Only the top-k singular subspace of each weight is computed (no full SVD): exactly from
+    the float64 Gram matrix of the smaller side the first time, then by one warm-started
+    subspace iteration from the layer's previous basis, accepted only when its residual
+    certificate bounds ‖W − P̂‖_F² within 1e-4 of the optimum (otherwise exact again); see
+    :func:`~lrpet_mm.lowrank.projection.project_low_rank`. The cached bases ((s, k) per layer,
+    s = min(m, n)) are state: :meth:`basis_state` / :meth:`load_basis_state`.
+
     Args:
         targets: the convs (see :func:`~lrpet_mm.lowrank.targets.select_targets`).
         plan: ranks; targets not in ``plan.layers`` are left alone.
         energy_transfer: rescale kept singular values to preserve ‖·‖_F. Defaults to True.
         bnr_eps: ε of eq. 16. Defaults to 1e-5.
+        warm_start: reuse each layer's previous basis. Defaults to True. With False every
+            projection uses the exact method.
+        method: ``'auto'`` (default), ``'exact'`` or ``'svd'`` (full SVD, the slow
+            reference); see :func:`~lrpet_mm.lowrank.projection.project_low_rank`.
     """
 
     def __init__(self, targets: List[ConvTarget], plan: RankPlan,
-                 energy_transfer: bool = True, bnr_eps: float = BNR_EPS) -> None:
+                 energy_transfer: bool = True, bnr_eps: float = BNR_EPS,
+                 warm_start: bool = True, method: str = 'auto') -> None:
+        if method not in PROJECTION_METHODS:
+            raise ValueError(f'method must be one of {PROJECTION_METHODS}, got {method!r}')
         self.targets = [t for t in targets if t.name in plan.layers]
         self.plan = plan
         self.energy_transfer = energy_transfer
         self.bnr_eps = bnr_eps
+        self.warm_start = bool(warm_start)
+        self.method = method
+        self.bases: Dict[str, Tensor] = {}
+        self.last_methods: Dict[str, str] = {}
         missing = [name for name in plan.layers if name not in {t.name for t in targets}]
         if missing:
             raise ValueError(f'rank plan names layers that are not targets: {missing}')
@@ -68,12 +97,16 @@ class LowRankProjector:
                     f'expects {(planned.out_features, planned.in_features)}')
 
     def projected_weight(self, target: ConvTarget, where: str = '') -> Tuple[Tensor, float]:
-        """Projected weight of one target (same shape/dtype/device) and the energy kept."""
+        """Projected weight of one target (same shape/dtype/device) and the energy kept.
+
+        Updates the layer's cached basis (and :attr:`last_methods`)."""
         weight = target.conv.weight.detach()
-        if not torch.isfinite(weight).all():
-            bad = int((~torch.isfinite(weight)).sum())
+        at = f' at {where}' if where else ''
+        # One reduction detects any NaN/Inf (they propagate through the sum); count only then.
+        bad = 0 if math.isfinite(float(weight.sum())) else int((~torch.isfinite(weight)).sum())
+        if bad:
             raise ProjectionError(f'layer {target.name!r} has {bad} non-finite weight value(s)'
-                                  f'{" at " + where if where else ""}; refusing to project')
+                                  f'{at}; refusing to project')
         matrix = conv_weight_as_matrix(weight)
         rank = self.plan.rank_of(target.name)
         scale = None
@@ -81,17 +114,22 @@ class LowRankProjector:
             scale = bn_scale(target.norm)
             if not torch.isfinite(scale).all():
                 raise ProjectionError(f'BatchNorm {target.norm_name!r} of layer {target.name!r} '
-                                      f'has non-finite scale{" at " + where if where else ""}')
-            matrix = fold_bn_scale(matrix.to(scale.dtype), scale)
+                                      f'has non-finite scale{at}')
+            if scale.dtype != matrix.dtype and matrix.dtype in (torch.float32, torch.float64):
+                scale = scale.to(matrix.dtype)
+        warm = self.bases.get(target.name) if self.warm_start else None
         try:
-            result = project_low_rank(matrix, rank, self.energy_transfer)
+            result = project_low_rank(matrix, rank, self.energy_transfer, warm_basis=warm,
+                                      method=self.method, row_scale=scale)
         except ProjectionError as e:
-            raise ProjectionError(f'layer {target.name!r}{" at " + where if where else ""}: {e}'
-                                  ) from e
+            raise ProjectionError(f'layer {target.name!r}{at}: {e}') from e
         projected = result.matrix
-        if scale is not None:
-            projected = unfold_bn_scale(projected, scale, self.bnr_eps)
-        return projected.reshape(weight.shape).to(weight.dtype), result.energy_kept
+        if scale is not None:  # paper eq. 16, in place on the fresh projection
+            projected.mul_(unfold_factor(scale, self.bnr_eps).to(projected.dtype)[:, None])
+        if result.basis is not None:
+            self.bases[target.name] = result.basis.detach()
+        self.last_methods[target.name] = result.method
+        return projected.reshape(weight.shape), result.energy_kept
 
     @torch.no_grad()
     def project(self, where: str = '',
@@ -114,10 +152,35 @@ class LowRankProjector:
                 continue
             new_weight, energy = self.projected_weight(target, where)
             target.conv.weight.copy_(new_weight)
+            del new_weight
             stats.energy_kept[target.name] = energy
+            stats.methods[target.name] = self.last_methods[target.name]
             stats.num_layers += 1
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def basis_state(self) -> Dict[str, Tensor]:
+        """``{layer: (s, k) basis}`` of the last projection of each layer (CPU copies)."""
+        return {name: basis.detach().cpu().clone() for name, basis in self.bases.items()}
+
+    def load_basis_state(self, state: Dict[str, Tensor]) -> List[str]:
+        """Adopt saved bases; returns the names that were dropped (not a planned layer, wrong
+        shape or non-finite), which will use the exact method at their next projection."""
+        dropped = []
+        targets = {t.name: t for t in self.targets}
+        self.bases = {}
+        for name, basis in state.items():
+            target = targets.get(name)
+            shape = None if target is None else (min(target.matrix_shape),
+                                                 self.plan.rank_of(name))
+            if (target is None or not isinstance(basis, Tensor)
+                    or not warm_start_usable(basis, *shape)):
+                dropped.append(name)
+                continue
+            weight = target.conv.weight
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else None
+            self.bases[name] = basis.to(device=weight.device, dtype=dtype or torch.float32)
+        return dropped
 
     def weights(self) -> Dict[str, nn.Parameter]:
         """``{layer name: weight parameter}`` of the planned targets."""

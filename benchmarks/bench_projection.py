@@ -1,0 +1,260 @@
+"""Benchmark the projection engine against per-layer full SVD (issue: target P1).
+
+Projects every planned conv of a ResNet backbone (BN rectification and energy transfer on,
+as LRPETHook does by default) with
+
+* the baseline: per-layer full ``torch.linalg.svd`` (``LowRankProjector(method='svd')``), and
+* the engine: ``LowRankProjector()`` (exact float64 Gram eigendecomposition the first time,
+  certified warm-started subspace iteration afterwards),
+
+on the same weights in the same run, for: random init (cold: the first projection) and
+"trained-like" weights — the weights right after an LRPET projection plus a drift (dense
+noise of a given size relative to each weight's norm, standing for the training between two
+projections), with the engine warm-started from that previous projection.
+
+Reports per scenario: median wall time of both (``--repeats``), speedup, how each layer was
+solved, the worst ‖W' − P̂(W')‖_F / sqrt(Σ_{i>k} σ_i²) − 1 over layers (σ of the BN-folded
+W' in float64; target <= 1e-4), the largest numerical rank excess over k, and the peak extra
+memory of one projection pass relative to the largest layer's weight (target <= 2):
+on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the process' peak resident
+set (VmHWM, reset before the pass; glibc's mmap threshold is pinned so freed tensors leave
+the resident set). Prints a Markdown table and writes JSON (and .md) atomically.
+
+    python benchmarks/bench_projection.py                 # ResNet-50, the paper's setting
+    python benchmarks/bench_projection.py --quick         # ResNet-18, small, ~10 s
+"""
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+if 'MALLOC_MMAP_THRESHOLD_' not in os.environ:  # see the module docstring (CPU memory)
+    os.environ['MALLOC_MMAP_THRESHOLD_'] = str(1 << 17)
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+
+from lrpet_mm.analysis.flops import plan_ranks_for_flops  # noqa: E402
+from lrpet_mm.lowrank import (LowRankProjector, bn_scale, conv_weight_as_matrix,  # noqa: E402
+                              numerical_rank, project_low_rank, select_targets)
+from lrpet_mm.utils.benchmark_io import machine_info, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def build_backbone(depth: int, seed: int) -> torch.nn.Module:
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(seed)
+    model = ResNet(depth=depth, init_cfg=None)  # PyTorch's default (Kaiming-uniform) init
+    with torch.no_grad():  # BN statistics of a trained network are not all 1
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.3, 1.5)
+                module.running_var.uniform_(0.2, 2.0)
+    model.eval()  # (mmdet ResNet.train returns None)
+    return model
+
+
+def conv_weights(projector: LowRankProjector) -> Dict[str, torch.Tensor]:
+    return {name: w.detach().clone() for name, w in projector.weights().items()}
+
+
+def load_weights(projector: LowRankProjector, weights: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, w in projector.weights().items():
+            w.copy_(weights[name])
+
+
+def add_drift(projector: LowRankProjector, relative: float, seed: int) -> None:
+    """W += relative·‖W‖_F·N/‖N‖_F per layer (N dense Gaussian noise)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in projector.weights().values():
+            noise = torch.randn(w.shape, generator=g).to(w.device, w.dtype)
+            w.add_(noise * (relative * w.norm() / noise.norm()))
+
+
+def _status_kib(key: str) -> int:
+    return int(re.search(key + r':\s+(\d+)', Path('/proc/self/status').read_text()).group(1))
+
+
+def peak_extra_bytes(run, device: torch.device) -> int:
+    """Peak memory of ``run()`` above what was in use before it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        Path('/proc/self/clear_refs').write_text('5')  # reset VmHWM to the current RSS
+    except OSError:
+        return -1
+    before = _status_kib('VmRSS')
+    run()
+    return (_status_kib('VmHWM') - before) * 1024
+
+
+def timed(run, device: torch.device) -> float:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def accuracy(projector: LowRankProjector, weights: Dict[str, torch.Tensor],
+             bases: Dict[str, torch.Tensor]) -> dict:
+    """Worst relative excess of the projection error over the optimum, and rank excess.
+
+    Recomputes each layer's projection exactly as the projector does (same warm basis, same
+    BN-folded matrix, no energy transfer) and compares with float64 singular values."""
+    worst, rank_excess = 0.0, 0
+    for target in projector.targets:
+        matrix = conv_weight_as_matrix(weights[target.name])
+        scale = bn_scale(target.norm).to(matrix) if target.rectify else None
+        rank = projector.plan.rank_of(target.name)
+        result = project_low_rank(matrix, rank, False, warm_basis=bases.get(target.name),
+                                  method=projector.method, row_scale=scale)
+        folded = matrix.double() if scale is None else matrix.double() * scale.double()[:, None]
+        s = torch.linalg.svdvals(folded.cpu())
+        optimum = float(s[rank:].pow(2).sum().sqrt())
+        error = float((folded - result.matrix.double()).norm())
+        if optimum > 0:
+            worst = max(worst, error / optimum - 1.0)
+        rank_excess = max(rank_excess, numerical_rank(result.matrix, rtol=1e-5) - rank)
+    return dict(worst_excess=worst, rank_excess=rank_excess)
+
+
+def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector,
+                 repeats: int, device: torch.device, largest_bytes: int) -> dict:
+    weights = conv_weights(engine)
+    bases = dict(engine.bases)
+    svd_times, engine_times, methods = [], [], Counter()
+    for _ in range(repeats):
+        load_weights(baseline, weights)
+        svd_times.append(timed(baseline.project, device))
+        load_weights(engine, weights)
+        engine.bases = dict(bases)
+        stats = None
+
+        def project():
+            nonlocal stats
+            stats = engine.project()
+        engine_times.append(timed(project, device))
+        methods = Counter(stats.methods.values())
+    load_weights(engine, weights)
+    engine.bases = dict(bases)
+    memory = peak_extra_bytes(engine.project, device)
+    load_weights(baseline, weights)
+    memory_svd = peak_extra_bytes(baseline.project, device)
+    result_bases = dict(engine.bases)
+    acc = accuracy(engine, weights, bases)
+    engine.bases = result_bases
+    load_weights(engine, weights)
+    engine.project()  # leave the weights and bases as after this projection
+    svd_ms, engine_ms = 1e3 * statistics.median(svd_times), 1e3 * statistics.median(engine_times)
+    return dict(scenario=name, layers=len(engine.targets), svd_ms=svd_ms, engine_ms=engine_ms,
+                speedup=svd_ms / engine_ms, methods=dict(methods), **acc,
+                peak_extra_mb=memory / 2 ** 20 if memory >= 0 else None,
+                peak_extra_ratio=memory / largest_bytes if memory >= 0 else None,
+                peak_extra_svd_ratio=memory_svd / largest_bytes if memory_svd >= 0 else None,
+                svd_times_ms=[1e3 * t for t in svd_times],
+                engine_times_ms=[1e3 * t for t in engine_times])
+
+
+def markdown(rows: List[dict], settings: dict) -> str:
+    lines = ['| scenario | layers | full SVD ms | engine ms | speedup | solved as | '
+             'worst ‖W−P̂‖/tail − 1 | rank excess | peak extra mem (× largest layer) |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        solved = ', '.join(f'{k} {v}' for k, v in sorted(r['methods'].items()))
+        mem = ('n/a' if r['peak_extra_ratio'] is None else
+               f"{r['peak_extra_ratio']:.2f} (SVD {r['peak_extra_svd_ratio']:.2f})")
+        lines.append(f"| {r['scenario']} | {r['layers']} | {r['svd_ms']:.1f} | "
+                     f"{r['engine_ms']:.1f} | {r['speedup']:.1f}× | {solved} | "
+                     f"{r['worst_excess']:.1e} | {r['rank_excess']} | {mem} |")
+    s = settings
+    lines.append('')
+    lines.append(f"ResNet-{s['depth']} backbone, {s['layers']} planned convs at "
+                 f"{100 * s['flops_reduction']:.0f} % backbone FLOPs reduction (input "
+                 f"{tuple(s['input_shape'])}), BN rectification + energy transfer, median of "
+                 f"{s['repeats']} runs, {s['machine']['device']} ({s['machine']['cpu']}, "
+                 f"{s['machine']['threads']} threads), torch {s['machine']['torch']}. "
+                 f"Largest layer weight: {s['largest_layer_mb']:.2f} MB.")
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--depth', type=int, default=50, choices=(18, 34, 50, 101))
+    parser.add_argument('--flops-reduction', type=float, default=0.5)
+    parser.add_argument('--input-shape', type=int, nargs=3, default=(3, 800, 1333))
+    parser.add_argument('--drifts', type=float, nargs='+', default=(0.01, 0.03, 0.1))
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: all cores)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default=str(RESULTS / 'projection.json'))
+    parser.add_argument('--quick', action='store_true',
+                        help='ResNet-18, 224x224 planning input, one drift, 1 repeat')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.depth, args.input_shape, args.drifts, args.repeats = 18, (3, 224, 224), (0.03,), 1
+    if not 0 < args.flops_reduction < 1:
+        parser.error(f'--flops-reduction must be in (0, 1), got {args.flops_reduction}')
+    if args.repeats < 1:
+        parser.error(f'--repeats must be >= 1, got {args.repeats}')
+    torch.set_num_threads(args.threads or os.cpu_count())
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda given but CUDA is not available')
+
+    model = build_backbone(args.depth, args.seed).to(device)
+    selection = select_targets(model, '', bn_rectify=True)
+    plan = plan_ranks_for_flops(model, '', selection, args.flops_reduction,
+                                tuple(args.input_shape)).plan
+    engine = LowRankProjector(selection.targets, plan)
+    baseline = LowRankProjector(selection.targets, plan, warm_start=False, method='svd')
+    largest = max(w.numel() * w.element_size() for w in engine.weights().values())
+    initial = conv_weights(engine)
+    baseline.project()  # warm up (allocator, BLAS threads), then back to the random init
+    load_weights(engine, initial)
+
+    settings = dict(depth=args.depth, layers=len(plan), flops_reduction=args.flops_reduction,
+                    input_shape=list(args.input_shape), repeats=args.repeats,
+                    drifts=list(args.drifts), seed=args.seed, machine=machine_info(device),
+                    largest_layer_mb=largest / 2 ** 20)
+    scenarios = [('random init (cold, first projection)', None)] + [
+        (f'after a projection + {100 * drift:g} % drift (warm)', drift) for drift in args.drifts]
+    rows = []
+    for i, (name, drift) in enumerate(scenarios):
+        if drift is not None:
+            add_drift(engine, drift, args.seed + i)
+        rows.append(run_scenario(name, engine, baseline, args.repeats, device, largest))
+        print(markdown(rows[-1:], settings).splitlines()[2], flush=True)
+    warm_rows = rows[1:]
+    targets = dict(
+        P1_speedup_ge_10=all(r['speedup'] >= 10 for r in warm_rows),
+        accuracy_within_1e4=all(r['worst_excess'] <= 1e-4 and r['rank_excess'] <= 0 for r in rows),
+        memory_le_2x=all(r['peak_extra_ratio'] is not None and r['peak_extra_ratio'] <= 2
+                         for r in rows))
+    table = markdown(rows, settings)
+    print()
+    print(table)
+    print('targets (trained-like rows for speed):', targets)
+    write_results(args.out, dict(settings=settings, rows=rows, targets=targets), table)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
