@@ -40,9 +40,15 @@ class ValWeightsProbe(Hook):
         self.records: List[dict] = []
         self.bases_before_val: Dict[str, torch.Tensor] = {}
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+    def _snapshot_bases(self, runner):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
         self.bases_before_val = {k: v.clone() for k, v in hook.projector.bases.items()}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._snapshot_bases(runner)  # after LRPETHook's projection of this iteration
+
+    def after_train_epoch(self, runner):
+        self._snapshot_bases(runner)  # after LRPETHook's per-epoch projection
 
     def before_val_epoch(self, runner):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))

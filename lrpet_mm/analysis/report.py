@@ -31,7 +31,7 @@ from torch import nn
 from ..lowrank import LowRankConv2d, bn_scale, find_conv_norm_pairs
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
 from ..utils.atomic import atomic_path, check_writable_dir
-from .checkpoint_summary import load_checkpoint_file, rank_plan_from_checkpoint
+from .checkpoint_summary import rank_plan_from_checkpoint
 from .flops import count_flops, count_params
 
 PathLike = Union[str, os.PathLike]
@@ -70,22 +70,23 @@ def default_input_shape(cfg: Config, where: str = 'config') -> Tuple[int, int, i
     return DEFAULT_INPUT_SHAPES[config_scope(cfg, where)]
 
 
-def _load_model(cfg: Config, checkpoint: PathLike, cfg_path: PathLike) -> Tuple[nn.Module, dict]:
-    """Build the config's model and load the checkpoint, every key matched."""
-    from ..models.factorize_checkpoint import build_model_from_config, load_state_dict_strict
-
-    ckpt = load_checkpoint_file(checkpoint)
-    try:
-        model = build_model_from_config(cfg)
-    except Exception as e:
-        raise ValueError(f'cannot build the model of config {os.fspath(cfg_path)!r} '
-                         f'({type(e).__name__}: {e})') from e
-    load_state_dict_strict(model, ckpt, f'checkpoint {os.fspath(checkpoint)!r} (config '
-                                        f'{os.fspath(cfg_path)!r})')
-    return model, ckpt
-
-
 # --------------------------------------------------------------------------- FLOPs, params
+def quiet_runner(cfg: Config):
+    """``Runner.from_cfg(cfg)`` whose console shows warnings and errors only, on stderr (the
+    log file in work_dir keeps everything; upstream Python warnings raised while building are
+    silenced and stray prints swallowed, so stdout stays clean)."""
+    from mmengine.runner import Runner
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter('ignore')
+        runner = Runner.from_cfg(cfg)
+    for handler in runner.logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.stderr)
+            handler.setLevel(max(handler.level, logging.WARNING))
+    return runner
+
+
 def make_data_samples(scope: str, input_shape: Sequence[int]) -> list:
     """One data sample (``DetDataSample`` / ``SegDataSample``) with the metainfo of an
     unscaled, unpadded image of ``input_shape`` = (C, H, W)."""
@@ -253,13 +254,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: PathLike, work_dir: PathLike,
             # stderr, warnings and errors only. The log file in work_dir keeps everything.
             # Upstream Python warnings (deprecations) are silenced and stray prints go to
             # stderr: stdout stays clean.
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter('ignore')
-                runner = Runner.from_cfg(cfg)
-            for handler in runner.logger.handlers:
-                if type(handler) is logging.StreamHandler:
-                    handler.setStream(sys.stderr)
-                    handler.setLevel(max(handler.level, logging.WARNING))
+            runner = quiet_runner(cfg)
             quiet = _quiet_to_stderr()
         if progress:
             runner.register_hook(ReportProgressHook(title))
@@ -533,19 +528,20 @@ def generate_report(config: PathLike, checkpoint: PathLike, out_dir: PathLike,
 
 def _generate_report(config, checkpoint, out_dir, lowrank_config, lowrank_checkpoint,
                      input_shape, evaluate, progress, verbose) -> dict:
-    from ..models.factorize_checkpoint import factorize_checkpoint, load_config
+    from ..models.factorize_checkpoint import (factorize_checkpoint, load_config,
+                                               load_model_and_checkpoint)
 
     # Validate everything that can be checked before writing anything.
     cfg = load_config(config)
     scope = config_scope(cfg, f'config {os.fspath(config)!r}')
     shape = check_input_shape(tuple(input_shape) if input_shape is not None
                               else DEFAULT_INPUT_SHAPES[scope])
-    original, ckpt = _load_model(cfg, checkpoint, config)
+    original, ckpt = load_model_and_checkpoint(cfg, checkpoint, config)
 
     def load_compact():
         lcfg = load_config(lowrank_config)
         _check_same_scope(scope, lcfg, lowrank_config)
-        compact, lckpt = _load_model(lcfg, lowrank_checkpoint, lowrank_config)
+        compact, lckpt = load_model_and_checkpoint(lcfg, lowrank_checkpoint, lowrank_config)
         where = (f'low-rank config {os.fspath(lowrank_config)!r} vs config '
                  f'{os.fspath(config)!r}')
         layers = factorized_layers(original, compact, ckpt, where)

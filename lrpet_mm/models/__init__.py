@@ -12,3 +12,9 @@ from .factorize_checkpoint import (FactorizeOutput, build_model_from_config,  # 
 
 __all__ += ['FactorizeOutput', 'build_model_from_config', 'compact_config',
             'factorize_checkpoint', 'load_config']
+
+from .decompose import (DecomposedLayer, DecomposedModel, components_of,  # noqa: E402
+                        decompose_model, fold_factorized_norms)
+
+__all__ += ['DecomposedLayer', 'DecomposedModel', 'components_of', 'decompose_model',
+            'fold_factorized_norms']

@@ -3,7 +3,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.config import Config
@@ -43,6 +43,23 @@ def load_state_dict_strict(model: nn.Module, checkpoint: dict, where: str) -> No
             f'{result.missing_keys[:6]}{" ..." if len(result.missing_keys) > 6 else ""}, '
             f'unexpected keys {result.unexpected_keys[:6]}'
             f'{" ..." if len(result.unexpected_keys) > 6 else ""}')
+
+
+def load_model_and_checkpoint(cfg: Config, checkpoint: PathLike, cfg_path: PathLike
+                              ) -> Tuple[nn.Module, dict]:
+    """Build ``cfg``'s model (no pretrained download) and load ``checkpoint`` with every key
+    matched; returns ``(model in eval mode, checkpoint dict)``. Errors name both files."""
+    from ..analysis.checkpoint_summary import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(checkpoint)
+    try:
+        model = build_model_from_config(cfg)
+    except Exception as e:
+        raise ValueError(f'cannot build the model of config {os.fspath(cfg_path)!r} '
+                         f'({type(e).__name__}: {e})') from e
+    load_state_dict_strict(model, ckpt, f'checkpoint {os.fspath(checkpoint)!r} (config '
+                                        f'{os.fspath(cfg_path)!r})')
+    return model, ckpt
 
 
 def hook_settings(cfg: Config) -> dict:

@@ -1,0 +1,1 @@
+"""Benchmarks of lrpet_mm (``benchmarks/*.py`` are their command lines)."""

@@ -1,0 +1,448 @@
+"""Export a (compact or original) mmdet / mmseg model to ONNX and check it with onnxruntime.
+
+Parts (:data:`PARTS`), each a module of one tensor, the *preprocessed* image batch
+(1, C, H, W) (mean/std normalized, as ``model._forward`` receives it):
+
+* ``backbone``: the backbone's feature maps;
+* ``segmentor``: mmseg ``EncoderDecoder.encode_decode``: segmentation logits
+  (1, num_classes, H, W), bilinearly resized to the input size (the test-mode logits before
+  argmax);
+* ``detector-features``: backbone + neck feature maps, then the dense head's raw outputs
+  (Faster R-CNN: the RPN's per-level ``cls_score`` and ``bbox_pred``). Proposal selection
+  (top-k + NMS) and the RoI head (mmcv ``RoIAlign``) need custom ops and are not exported.
+
+The graph is traced at one fixed input shape (no dynamic axes): PSPNet's pyramid pooling
+(``nn.AdaptiveAvgPool2d`` to 2×2, 3×3, 6×6 bins, which the ONNX exporter refuses when the bins
+do not divide the input) is replaced, for export only, by :class:`StaticAdaptiveAvgPool2d`, the
+same average as two matrix products for that input size.
+
+**Check.** onnxruntime (CPUExecutionProvider) runs the file on a seeded standard-normal input
+and every output is compared with PyTorch's output *of the model as given* (before the
+latency-aware merge and the pooling swap) by the max-normalized error
+``max|onnx − torch| / max|torch|`` (absolute ``max|onnx − torch|`` where the PyTorch output is
+all zero). Every output must be within ``tol`` (default 1e-4); otherwise
+:class:`OnnxMismatchError` is raised and no file is written.
+"""
+import copy
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..utils.atomic import atomic_path, check_writable_dir
+
+PathLike = Union[str, os.PathLike]
+
+PARTS = ('backbone', 'segmentor', 'detector-features')
+DEFAULT_OPSET = 17
+DEFAULT_TOL = 1e-4
+ERROR_METRIC = ('max-normalized error max|onnx - torch| / max|torch| per output '
+                '(absolute max|onnx - torch| for an all-zero output)')
+
+
+class OnnxMismatchError(ValueError):
+    """onnxruntime does not reproduce the PyTorch outputs within the tolerance."""
+
+
+def check_part(part: str) -> str:
+    if part not in PARTS:
+        raise ValueError(f'unknown part {part!r}; choose one of {", ".join(PARTS)}')
+    return part
+
+
+def check_input_shape(shape: Sequence[int]) -> Tuple[int, int, int]:
+    """(C, H, W) as three positive ints, or a ValueError naming the bad value."""
+    values = tuple(shape) if isinstance(shape, (tuple, list)) else (shape, )
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                   and v > 0 for v in values):
+        raise ValueError(f'input shape must be three positive integers (C, H, W), got {shape!r}')
+    return tuple(int(v) for v in values)
+
+
+def check_onnx_path(out: PathLike) -> Path:
+    """``out`` as a Path; a ValueError unless it ends in ``.onnx``."""
+    out = Path(os.fspath(out))
+    if out.suffix != '.onnx':
+        raise ValueError(f'output file {str(out)!r} must end in .onnx')
+    return out
+
+
+# --------------------------------------------------------------------------- export modules
+def _flatten(outputs) -> List[Tensor]:
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in _flatten(item)]
+    raise TypeError(f'cannot export an output of type {type(outputs).__name__}')
+
+
+class BackboneForward(nn.Module):
+    """``model.backbone(x)`` as a flat tuple of feature maps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        return tuple(_flatten(self.backbone(x)))
+
+
+class SegmentorForward(nn.Module):
+    """mmseg ``encode_decode``: (1, C, H, W) → logits (1, num_classes, H, W)."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]):
+        super().__init__()
+        self.model = model
+        hw = (int(input_shape[1]), int(input_shape[2]))
+        self.img_metas = [dict(img_shape=hw, ori_shape=hw, pad_shape=hw,
+                               batch_input_shape=hw)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.encode_decode(x, self.img_metas)
+
+
+class DetectorFeatures(nn.Module):
+    """Backbone + neck features, then the dense head's raw outputs, as a flat tuple.
+    ``num_feats`` is the number of feature maps of the last forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        head = getattr(model, 'rpn_head', None)
+        self.head = head if head is not None else getattr(model, 'bbox_head', None)
+        self.num_feats = None
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        feats = _flatten(self.model.extract_feat(x))
+        self.num_feats = len(feats)
+        outputs = list(feats)
+        if self.head is not None:
+            outputs += _flatten(self.head(tuple(feats)))
+        return tuple(outputs)
+
+
+def export_wrapper(model: nn.Module, part: str, input_shape: Sequence[int]) -> nn.Module:
+    """The module of one tensor (1, C, H, W) that ``part`` exports (eval mode; shares the
+    model's weights).
+
+    Raises:
+        ValueError: unknown part or bad shape, or ``model`` has no such part (e.g.
+            ``segmentor`` of a detector).
+    """
+    check_part(part)
+    shape = check_input_shape(input_shape)
+    kind = type(model).__name__
+    if part == 'backbone':
+        if not isinstance(getattr(model, 'backbone', None), nn.Module):
+            raise ValueError(f'part {part!r}: {kind} has no backbone')
+        wrapper = BackboneForward(model)
+    elif part == 'segmentor':
+        if not (hasattr(model, 'encode_decode') and hasattr(model, 'decode_head')):
+            raise ValueError(f"part {part!r} needs an mmseg segmentor (EncoderDecoder); {kind} "
+                             "has no encode_decode/decode_head (use 'detector-features' for "
+                             'a detector)')
+        wrapper = SegmentorForward(model, shape)
+    else:
+        if not (hasattr(model, 'extract_feat') and (hasattr(model, 'rpn_head')
+                                                    or hasattr(model, 'bbox_head'))):
+            raise ValueError(f"part {part!r} needs an mmdet detector; {kind} has no "
+                             "extract_feat/rpn_head/bbox_head (use 'segmentor' for a "
+                             'segmentor)')
+        wrapper = DetectorFeatures(model)
+    wrapper.eval()
+    return wrapper
+
+
+def output_names(wrapper: nn.Module, n_outputs: int) -> List[str]:
+    """Names of the ``n_outputs`` outputs of ``wrapper`` (after one forward)."""
+    if isinstance(wrapper, SegmentorForward):
+        return ['seg_logits']
+    if isinstance(wrapper, BackboneForward):
+        return [f'backbone_{i}' for i in range(n_outputs)]
+    n_feats = wrapper.num_feats
+    model = wrapper.model
+    names = [f'neck_{i}' if getattr(model, 'with_neck', False) else f'backbone_{i}'
+             for i in range(n_feats)]
+    head_outputs = n_outputs - n_feats
+    if getattr(model, 'rpn_head', None) is not None and head_outputs == 2 * n_feats:
+        names += [f'rpn_cls_score_{i}' for i in range(n_feats)]
+        names += [f'rpn_bbox_pred_{i}' for i in range(n_feats)]
+    else:
+        names += [f'head_{i}' for i in range(head_outputs)]
+    return names
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None else torch.float32
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device('cpu')
+
+
+# --------------------------------------------------------------------------- exportable pooling
+def adaptive_pool_matrix(in_size: int, out_size: int) -> Tensor:
+    """(out_size, in_size) averaging matrix of PyTorch's adaptive pooling: row i averages the
+    inputs floor(i·in/out) .. ceil((i+1)·in/out) − 1."""
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -(-((i + 1) * in_size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class StaticAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for one fixed input size (H, W) as ``P_h · x · P_wᵀ`` (two
+    MatMuls in ONNX, any output size). Equal to the original up to float rounding."""
+
+    def __init__(self, output_size: Tuple[int, int], input_size: Tuple[int, int],
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.input_size = tuple(int(v) for v in input_size)
+        self.output_size = tuple(int(v) for v in output_size)
+        factory = dict(device=device, dtype=dtype)
+        pool_h = adaptive_pool_matrix(self.input_size[0], self.output_size[0])
+        pool_w = adaptive_pool_matrix(self.input_size[1], self.output_size[1])
+        self.register_buffer('pool_h', pool_h.to(**factory))
+        self.register_buffer('pool_w_t', pool_w.t().contiguous().to(**factory))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(f'StaticAdaptiveAvgPool2d was built for {self.input_size}, got '
+                             f'input {tuple(x.shape)}')
+        return torch.matmul(torch.matmul(self.pool_h, x), self.pool_w_t)
+
+
+def _pair_output_size(pool: nn.AdaptiveAvgPool2d, in_hw: Tuple[int, int]) -> Tuple[int, int]:
+    size = pool.output_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(in_hw[i] if s is None else int(s) for i, s in enumerate(size))
+
+
+def replace_adaptive_pools(module: nn.Module, example: Tensor) -> List[str]:
+    """Swap, in place, each ``nn.AdaptiveAvgPool2d`` whose output size does not divide its
+    input (as seen in one forward of ``example``) for a :class:`StaticAdaptiveAvgPool2d`.
+    Returns the names swapped."""
+    from ..models.factorized_module import set_submodule
+
+    pools = {n: m for n, m in module.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
+    seen: Dict[str, set] = {n: set() for n in pools}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].add(tuple(args[0].shape[-2:]))) for n, m in pools.items()]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    swapped = []
+    for name, pool in pools.items():
+        if len(seen[name]) != 1:
+            continue  # not called (or called at several sizes): left as is
+        in_hw = next(iter(seen[name]))
+        out_hw = _pair_output_size(pool, in_hw)
+        if all(i % o == 0 for i, o in zip(in_hw, out_hw)):
+            continue  # the exporter handles it natively
+        set_submodule(module, name, StaticAdaptiveAvgPool2d(out_hw, in_hw, example.dtype,
+                                                            example.device))
+        swapped.append(name)
+    return swapped
+
+
+# --------------------------------------------------------------------------- check
+@dataclass
+class OnnxCheck:
+    """onnxruntime vs PyTorch: ``errors[name]`` is the max-normalized error of that output."""
+    errors: Dict[str, float]
+    tol: float
+    metric: str = ERROR_METRIC
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values()) if self.errors else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(math.isfinite(e) and e <= self.tol for e in self.errors.values())
+
+    def summary(self) -> str:
+        worst = max(self.errors, key=self.errors.get)
+        return (f'onnxruntime check {"passed" if self.passed else "FAILED"}: max relative error '
+                f'{self.max_error:.2e} (output {worst!r}; tolerance {self.tol:g}; '
+                f'{len(self.errors)} outputs)')
+
+
+def max_normalized_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max|actual − expected| / max|expected| (absolute max|actual − expected| if expected is
+    all zero); inf for a shape mismatch or a non-finite value."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape or not np.isfinite(actual).all():
+        return float('inf')
+    if expected.size == 0:
+        return 0.0
+    diff = float(np.abs(actual - expected).max())
+    scale = float(np.abs(expected).max())
+    return diff / scale if scale > 0 else diff
+
+
+def check_onnx_outputs(path: PathLike, reference: Sequence[Tensor], inputs: Tensor,
+                       names: Sequence[str], tol: float = DEFAULT_TOL,
+                       threads: Optional[int] = None) -> OnnxCheck:
+    """Run ``path`` in onnxruntime on ``inputs`` and compare with ``reference`` outputs."""
+    from .timing import ort_session
+
+    session = ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: inputs.detach().float().cpu().numpy()}
+    got = session.run(None, feed)
+    if len(got) != len(reference):
+        raise OnnxMismatchError(f'the ONNX model has {len(got)} outputs, PyTorch gives '
+                                f'{len(reference)}')
+    errors = {name: max_normalized_error(g, r.detach().float().cpu().numpy())
+              for name, g, r in zip(names, got, reference)}
+    return OnnxCheck(errors, tol)
+
+
+# --------------------------------------------------------------------------- export
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        size_bytes: its size.
+        part, input_shape: what was exported, at which (C, H, W).
+        output_names: the graph's outputs, in order.
+        check: the onnxruntime comparison (None with ``check=False``).
+        merge: the latency-aware merge's record (None if not applied).
+        swapped_pools: adaptive pools replaced by :class:`StaticAdaptiveAvgPool2d`.
+        low_rank_layers: low-rank (factorized) layers left in the exported graph.
+    """
+    path: Path
+    size_bytes: int
+    part: str
+    input_shape: Tuple[int, int, int]
+    output_names: List[str]
+    check: Optional[OnnxCheck] = None
+    merge: Optional[object] = None
+    swapped_pools: List[str] = field(default_factory=list)
+    low_rank_layers: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(path=str(self.path), size_bytes=self.size_bytes, part=self.part,
+                    input_shape=list(self.input_shape), output_names=list(self.output_names),
+                    check=None if self.check is None else dict(asdict(self.check),
+                                                               passed=self.check.passed),
+                    merge=None if self.merge is None else self.merge.to_dict(),
+                    swapped_pools=list(self.swapped_pools),
+                    low_rank_layers=self.low_rank_layers)
+
+
+def format_size(size_bytes: int) -> str:
+    return f'{size_bytes / 2**20:.2f} MiB ({size_bytes} bytes)'
+
+
+def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: PathLike,
+                opset: int = DEFAULT_OPSET, check: bool = True, tol: float = DEFAULT_TOL,
+                latency_aware: bool = False, merge_runtime: str = 'onnxruntime',
+                merge_repeats: int = 10, merge_warmup: int = 2, merge_margin: float = 0.05,
+                threads: Optional[int] = None, seed: int = 0) -> ExportResult:
+    """Export ``part`` of ``model`` (a float32 CPU copy in eval mode; ``model`` itself is not
+    modified) to ``out``.
+
+    Args:
+        model: an mmdet / mmseg model (original or compact).
+        part: one of :data:`PARTS`.
+        input_shape: (C, H, W); the graph is fixed to batch 1 at this size.
+        out: the ``.onnx`` file; its directory is created; written to a temporary file and
+            renamed only after the check passed.
+        opset: ONNX opset. Defaults to 17.
+        check: compare onnxruntime with PyTorch (see the module docstring).
+        tol: largest accepted max-normalized error per output. Defaults to 1e-4.
+        latency_aware: first apply :func:`~lrpet_mm.deploy.latency.latency_aware_merge` at
+            this input size (timed in ``merge_runtime`` with ``merge_repeats``,
+            ``merge_warmup``, ``merge_margin``, ``threads``). Off by default here; the CLI
+            ``tools/export_onnx.py`` turns it on.
+        threads: threads for onnxruntime / timing (None: all cores).
+        seed: seed of the check input.
+
+    Raises:
+        ValueError: bad part / shape / tolerance, or a part the model does not have.
+        OnnxMismatchError: the check failed (nothing written).
+    """
+    check_part(part)
+    shape = check_input_shape(input_shape)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 11 <= opset <= 20:
+        raise ValueError(f'opset must be an integer in [11, 20], got {opset!r}')
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f'tol must be a positive number, got {tol!r}')
+    out = check_onnx_path(out)
+    check_writable_dir(out.parent, 'output directory')
+
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed)).to(
+        _dtype(model)).to(_device(model))
+    was_training = model.training
+    try:
+        reference_wrapper = export_wrapper(model, part, shape)  # sets eval mode
+        with torch.no_grad():
+            reference = _flatten(reference_wrapper(x))
+    finally:
+        model.train(was_training)
+    names = output_names(reference_wrapper, len(reference))
+
+    deployed = copy.deepcopy(model).float().cpu()
+    deployed.eval()
+    merge = None
+    if latency_aware:
+        from .latency import latency_aware_merge
+        example_wrapper = export_wrapper(deployed, part, shape)
+        merge = latency_aware_merge(deployed, lambda _m: example_wrapper(torch.zeros(1, *shape)),
+                                    runtime=merge_runtime, repeats=merge_repeats,
+                                    warmup=merge_warmup, margin=merge_margin, threads=threads,
+                                    inplace=True)
+    wrapper = export_wrapper(deployed, part, shape)
+    x_cpu = x.float().cpu()
+    swapped = replace_adaptive_pools(wrapper, x_cpu)
+    from .latency import low_rank_layers
+    n_low_rank = len(low_rank_layers(deployed))
+
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # tracer warnings about Python control flow
+            torch.onnx.export(wrapper, (x_cpu, ), str(tmp), opset_version=opset,
+                              input_names=['input'], output_names=names,
+                              do_constant_folding=True)
+        import onnx
+        onnx.checker.check_model(str(tmp))
+        result = ExportResult(out, tmp.stat().st_size, part, shape, names, merge=merge,
+                              swapped_pools=swapped, low_rank_layers=n_low_rank)
+        if check:
+            result.check = check_onnx_outputs(tmp, reference, x_cpu, names, tol, threads)
+            if not result.check.passed:
+                bad = {k: f'{v:.2e}' for k, v in result.check.errors.items() if not v <= tol}
+                raise OnnxMismatchError(
+                    f'onnxruntime does not reproduce PyTorch for part {part!r}: outputs {bad} '
+                    f'exceed the tolerance {tol:g} ({ERROR_METRIC}); {str(out)!r} not written')
+    return result
+
+
+# --------------------------------------------------------------------------- loading
+def load_model(config: PathLike, checkpoint: PathLike) -> Tuple[nn.Module, object]:
+    """Build the config's model (no pretrained download) and load ``checkpoint`` with every
+    key matched; returns (model on CPU in eval mode, config)."""
+    from ..models.factorize_checkpoint import load_config, load_model_and_checkpoint
+
+    cfg = load_config(config)
+    model, _ = load_model_and_checkpoint(cfg, checkpoint, config)
+    model.cpu()
+    model.eval()
+    return model, cfg

@@ -1,0 +1,60 @@
+"""benchmarks/bench_inference.py's bookkeeping (no timing here: speed lives in benchmarks/):
+P3 is judged against the planned FLOPs ratio, the table shows it, bad arguments are refused."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lrpet_mm.benchmarking.inference import default_settings, make_rows, markdown
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_inference.py'
+FLOPS = {'original': 200, 'factorized': 100, 'latency-merged': 125}
+LOW_RANK = {'original': 0, 'factorized': 53, 'latency-merged': 50}
+
+
+def rows_for(original_ms: float, factorized_ms: float, merged_ms: float, backbone=True):
+    times = {'original': original_ms, 'factorized': factorized_ms,
+             'latency-merged': merged_ms}
+    return make_rows('ResNet-50 backbone', 'backbone', (3, 64, 64), 'torch', times, FLOPS, 3,
+                     LOW_RANK, backbone)
+
+
+def test_p3_needs_speedup_of_0_8_times_the_planned_flops_ratio():
+    factorized, merged = rows_for(100.0, 62.0, 60.0)  # speedups 1.61 and 1.67, planned 2.0
+    assert factorized['flops_ratio'] == merged['planned_flops_ratio'] == 2.0
+    assert factorized['speedup'] == pytest.approx(100 / 62) and factorized['p3'] is True
+    # the merged variant's own FLOPs ratio is 1.6, but P3 is judged against the planned 2.0
+    assert merged['flops_ratio'] == 1.6 and merged['p3'] is True
+    assert merged['merged_layers'] == 3 and factorized['merged_layers'] == 0
+    slow = rows_for(100.0, 63.0, 70.0)  # 1.587 < 1.6
+    assert [r['p3'] for r in slow] == [False, False]
+    assert slow[1]['speedup_over_flops_ratio'] == pytest.approx((100 / 70) / 1.6)
+    assert [r['p3'] for r in rows_for(100.0, 50.0, 50.0, backbone=False)] == [None, None]
+
+
+def test_markdown_table_marks_p3_only_on_backbone_rows():
+    rows = rows_for(100.0, 62.0, 70.0) + [
+        dict(r, model='PSPNet whole') for r in rows_for(10.0, 9.0, 9.0, backbone=False)]
+    result = dict(rows=rows, onnx_sizes=[], date='today', wall_seconds=1.0,
+                  machine=dict(cpu='cpu', threads=1, usable_cores=2, torch='t',
+                               onnxruntime='o', load_average_start=[0.5, 0, 0],
+                               load_average_end=[0.7, 0, 0]),
+                  settings=dict(repeats=5, warmup=1, p3_factor=0.8))
+    lines = markdown(result).splitlines()
+    assert lines[2].endswith('| 1.61 | 2.00 | 0.81 | pass |')
+    assert '| latency-merged (3 merged) |' in lines[3] and lines[3].endswith('| FAIL |')
+    assert lines[4].startswith('| PSPNet whole |') and lines[4].endswith('|  |')
+
+
+def test_bad_benchmark_arguments_are_refused(capsys):
+    spec = importlib.util.spec_from_file_location('bench_inference', SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(['--inputs', '512x0']) == 2
+    assert "--inputs takes sizes like 512x512, got '512x0'" in capsys.readouterr().err
+    assert script.main(['--threads', '0']) == 2
+    assert 'threads must be >= 1, got 0' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='repeats must be >= 1'):
+        default_settings(repeats=0)
+    quick = default_settings(quick=True)
+    assert quick.shapes == ((3, 224, 224), ) and not quick.segmentor

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Export a compact (or original) model to ONNX and check it against PyTorch in onnxruntime.
+
+    python tools/export_onnx.py CONFIG CHECKPOINT --part backbone|segmentor|detector-features \
+        --out FILE.onnx [--input-shape C H W] [--no-latency-aware] [--no-check]
+
+CONFIG/CHECKPOINT: tools/factorize.py's *_lowrank.py / *_lowrank.pth, or an original pair.
+By default low-rank layers measured slower (onnxruntime, this machine, this input size) than
+their merged single conv are merged back first (--no-latency-aware keeps all factorized).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrpet_mm.deploy import (PARTS, OnnxMismatchError, check_input_shape,  # noqa: E402
+                             check_onnx_path, export_onnx, format_size, load_model)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument('config', help='model config (e.g. tools/factorize.py\'s *_lowrank.py)')
+    parser.add_argument('checkpoint', help='checkpoint matching the config')
+    parser.add_argument('--part', required=True, choices=PARTS, help='what to export')
+    parser.add_argument('--out', required=True, help='output .onnx file')
+    parser.add_argument('--input-shape', type=int, nargs=3, default=None,
+                        metavar=('C', 'H', 'W'),
+                        help='fixed input shape of the graph (batch 1); default from the '
+                             'config (mmseg crop_size, else the test Resize scale)')
+    parser.add_argument('--no-latency-aware', action='store_true',
+                        help='keep every low-rank layer factorized (no timing, no merge)')
+    parser.add_argument('--merge-runtime', choices=('onnxruntime', 'torch'),
+                        default='onnxruntime', help='where layers are timed for the merge')
+    parser.add_argument('--merge-margin', type=float, default=0.05,
+                        help='merge a layer when factorized > (1 + margin) x merged time')
+    parser.add_argument('--merge-repeats', type=int, default=10,
+                        help='timed runs per layer (median; after 2 warm-up runs)')
+    parser.add_argument('--no-check', action='store_true', help='skip the onnxruntime check')
+    parser.add_argument('--tol', type=float, default=1e-4,
+                        help='largest max|onnx-torch|/max|torch| per output (default 1e-4)')
+    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='threads for onnxruntime and timing (default: all cores)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_onnx_path(args.out)  # cheap checks before building the model
+        shape = None if args.input_shape is None else check_input_shape(args.input_shape)
+        model, cfg = load_model(args.config, args.checkpoint)
+        if shape is None:
+            from lrpet_mm.analysis import infer_input_shape
+            shape = infer_input_shape(cfg)
+        result = export_onnx(model, args.part, shape, args.out, opset=args.opset,
+                             check=not args.no_check, tol=args.tol,
+                             latency_aware=not args.no_latency_aware,
+                             merge_runtime=args.merge_runtime, merge_repeats=args.merge_repeats,
+                             merge_margin=args.merge_margin, threads=args.threads)
+    except (FileNotFoundError, PermissionError, ValueError, KeyError, ImportError) as e:
+        kind = 'refused' if isinstance(e, OnnxMismatchError) else 'error'
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f'{kind}: {message}', file=sys.stderr)
+        return 2
+    c, h, w = result.input_shape
+    print(f'exported {args.part} at 1x{c}x{h}x{w} to {result.path}')
+    print(f'ONNX file size: {format_size(result.size_bytes)}')
+    print(f'low-rank layers in the graph: {result.low_rank_layers}')
+    if result.merge is not None:
+        print(result.merge.summary())
+    if result.swapped_pools:
+        print(f'adaptive pools exported as fixed-size matmuls: {", ".join(result.swapped_pools)}')
+    print(result.check.summary() if result.check is not None else 'onnxruntime check skipped')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
