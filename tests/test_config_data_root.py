@@ -41,8 +41,8 @@ def _all_roots(cfg) -> List[str]:
 
 
 def test_toy_configs_point_at_voc_root(voc_root: Path, tmp_path: Path) -> None:
-    pytest.importorskip('mmdet')
-    pytest.importorskip('mmseg')
+    import mmdet  # noqa: F401  (a hard requirement: fail, never skip)
+    import mmseg  # noqa: F401  (a hard requirement: fail, never skip)
     det = load_toy_config(DET_TOY, voc_root, tmp_path / 'det')
     assert set(_all_roots(det)) == {f'{voc_root}/'}
     assert det.work_dir == str(tmp_path / 'det')
@@ -53,7 +53,7 @@ def test_toy_configs_point_at_voc_root(voc_root: Path, tmp_path: Path) -> None:
 
 
 def test_nested_upstream_config(voc_root: Path, tmp_path: Path) -> None:
-    pytest.importorskip('mmdet')
+    import mmdet  # noqa: F401  (a hard requirement: fail, never skip)
     from mmengine.config import Config
     cfg_file = tmp_path / 'upstream.py'
     cfg_file.write_text("_base_ = 'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py'\n")
@@ -67,7 +67,7 @@ def test_nested_upstream_config(voc_root: Path, tmp_path: Path) -> None:
 
 
 def test_errors() -> None:
-    pytest.importorskip('mmengine')
+    import mmengine  # noqa: F401  (a hard requirement: fail, never skip)
     from mmengine.config import Config
     cfg = Config(dict(train_dataloader=dict(dataset=dict(type='X')), val_dataloader=None))
     with pytest.raises(ValueError, match='no data_root'):
