@@ -5,7 +5,7 @@ from torch import nn
 
 from lrpet_mm.lowrank import (LowRankProjector, ProjectionError, numerical_rank, plan_ranks,
                               project_low_rank, select_targets)
-from lrpet_mm.lowrank.subspace import gram_matrix, refine_basis
+from lrpet_mm.lowrank.subspace import ENERGY_RTOL, gram_matrix, refine_basis
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 SHAPES = [(24, 60, 10), (60, 24, 10), (32, 32, 20), (16, 144, 15)]  # (m, n, k)
@@ -55,7 +55,7 @@ def test_exact_methods_meet_the_error_bound_and_rank(device, m, n, k, method):
 def test_warm_start_from_previous_basis_is_certified_and_accurate(device, m, n, k, drift):
     w0 = spectrum_matrix(m, n).to(device)
     first = project_low_rank(w0, k, energy_transfer=False)
-    assert first.method == 'exact' and first.basis.shape == (min(m, n), k)
+    assert first.method in ('exact', 'exact-f32') and first.basis.shape == (min(m, n), k)
     w1 = drifted(first.matrix, drift)
     second = project_low_rank(w1, k, energy_transfer=False, warm_basis=first.basis)
     assert second.method.startswith('warm')
@@ -69,14 +69,14 @@ def test_unrelated_warm_basis_is_rejected_and_result_stays_exact(m, n, k):
     g = torch.Generator().manual_seed(5)
     wrong, _ = torch.linalg.qr(torch.randn(min(m, n), k, generator=g))
     result = project_low_rank(w, k, energy_transfer=False, warm_basis=wrong)
-    assert result.method == 'exact'
+    assert result.method in ('exact', 'exact-f32')
     assert achieved_error(w, result.matrix) <= (1 + 1e-4) * optimal_error(w, k)
 
 
 def test_a_wrong_shaped_or_nan_warm_basis_is_ignored():
     w = spectrum_matrix(20, 30)
     for bad in (torch.randn(20, 3), torch.full((20, 4), float('nan')), torch.randn(30, 4)):
-        assert project_low_rank(w, 4, warm_basis=bad).method == 'exact'
+        assert project_low_rank(w, 4, warm_basis=bad).method in ('exact', 'exact-f32')
 
 
 def test_refined_basis_certificate_bound_holds_against_the_true_spectrum():
@@ -167,7 +167,7 @@ def test_projector_warm_starts_the_second_projection_and_matches_exact():
     model = TwoConvs()
     projector, plan = make_projector(model)
     first = projector.project()
-    assert first.num_warm == 0 and set(first.methods.values()) == {'exact'}
+    assert first.num_warm == 0 and set(first.methods.values()) <= {'exact', 'exact-f32'}
     with torch.no_grad():
         for w in projector.weights().values():
             w.add_(0.01 * w.norm() / w.numel() ** 0.5 * torch.randn_like(w))
@@ -222,3 +222,61 @@ def test_float32_rounding_limited_case_is_certified_on_the_float64_gram():
     second = project_low_rank(w1, 31, energy_transfer=False, warm_basis=first.basis)
     assert second.method == 'warm-f64'
     assert achieved_error(w1, second.matrix) <= (1 + 1e-4) * optimal_error(w1, 31)
+
+
+def test_cold_float32_eigendecomposition_is_certified_with_a_gap_and_falls_back_without():
+    gapped = spectrum_matrix(120, 300, decay=0.97)
+    result = project_low_rank(gapped, 40, energy_transfer=False)
+    assert result.method == 'exact-f32'
+    assert achieved_error(gapped, result.matrix) <= (1 + 1e-4) * optimal_error(gapped, 40)
+    # σ_40 = σ_41 exactly: no gap at the cut, nothing to certify in float32.
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(120, 120, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(300, 120, generator=g))
+    s = 0.97 ** torch.arange(120, dtype=torch.float32)
+    s[40] = s[39]
+    flat = (u * s) @ v.t()
+    result = project_low_rank(flat, 40, energy_transfer=False)
+    assert result.method == 'exact'
+    assert achieved_error(flat, result.matrix) <= (1 + 1e-4) * optimal_error(flat, 40)
+
+
+def test_spread_tail_is_certified_by_the_complement_bound_and_the_bound_is_true():
+    """A drift spread over many directions: tr(C) alone gives no gap, ‖C‖_F does."""
+    w0 = spectrum_matrix(200, 400, decay=0.99)
+    first = project_low_rank(w0, 60, energy_transfer=False)
+    w1 = drifted(first.matrix, 0.15)
+    gram = gram_matrix(w1, 'left', torch.float32)
+    ritz = refine_basis(gram, first.basis, max_iterations=3)
+    top = torch.linalg.eigvalsh(gram.double()).flip(-1)
+    tail = float(top[60:].sum())
+    assert ritz.outcome == 'certified'
+    assert tail > float(ritz.values[-1])  # so τ² could not bound λ_max(C)
+    assert ritz.complement_max < float(ritz.values[-1])  # the tightened bound did
+    achieved = float(torch.trace(gram.double())) - float(
+        (ritz.basis.double().t() @ gram.double() @ ritz.basis.double()).trace())
+    assert achieved - tail <= ENERGY_RTOL * tail
+
+
+def test_in_place_projection_with_output_row_factor_matches_the_reference():
+    w = spectrum_matrix(40, 90)
+    a = torch.linspace(0.5, 2.0, 40)
+    u = 1.0 / a
+    reference = project_low_rank(w, 12, True, row_scale=a)
+    expected = reference.matrix * u[:, None]
+    target = w.clone()
+    result = project_low_rank(target, 12, True, row_scale=a, output_row_factor=u, out=target)
+    assert result.matrix.data_ptr() == target.data_ptr()
+    assert torch.allclose(target, expected, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match='out must have the matrix shape'):
+        project_low_rank(w, 12, out=torch.empty(90, 40))
+
+
+def test_failed_projection_leaves_the_output_untouched():
+    w = spectrum_matrix(20, 30)
+    w[3, 4] = float('nan')
+    target = w.clone()
+    with pytest.raises(ProjectionError, match='non-finite'):
+        project_low_rank(target, 5, out=target)
+    assert torch.equal(target.isnan(), w.isnan()) and torch.equal(target.nan_to_num(),
+                                                                  w.nan_to_num())

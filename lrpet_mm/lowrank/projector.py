@@ -1,8 +1,7 @@
 """Apply LRPET's projection (LRP + optional ET + optional BNR) to a model's targeted convs."""
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +23,8 @@ class ProjectionStats:
         energy_kept: ``{layer: ‖P_k(W)‖²/‖W‖²}`` before energy transfer (of the BN-folded
             weight where BNR is on).
         seconds: wall time of the pass.
-        methods: ``{layer: 'warm' | 'exact' | 'svd'}``, how each subspace was obtained (see
+        methods: ``{layer: 'warm' | 'warm-f64' | 'exact-f32' | 'exact' | 'svd'}``, how each
+            subspace was obtained (see
             :func:`~lrpet_mm.lowrank.projection.project_low_rank`).
     """
     num_layers: int
@@ -96,20 +96,16 @@ class LowRankProjector:
                     f'layer {t.name!r} has matrix shape {t.matrix_shape}, the rank plan '
                     f'expects {(planned.out_features, planned.in_features)}')
 
-    def projected_weight(self, target: ConvTarget, where: str = '') -> Tuple[Tensor, float]:
-        """Projected weight of one target (same shape/dtype/device) and the energy kept.
+    def project_layer(self, target: ConvTarget, where: str = '') -> float:
+        """Project one target's weight in place; returns the energy kept.
 
-        Updates the layer's cached basis (and :attr:`last_methods`)."""
+        The weight is only written once the projection succeeded (an error leaves it as it
+        was). Updates the layer's cached basis (and :attr:`last_methods`)."""
         weight = target.conv.weight.detach()
         at = f' at {where}' if where else ''
-        # One reduction detects any NaN/Inf (they propagate through the sum); count only then.
-        bad = 0 if math.isfinite(float(weight.sum())) else int((~torch.isfinite(weight)).sum())
-        if bad:
-            raise ProjectionError(f'layer {target.name!r} has {bad} non-finite weight value(s)'
-                                  f'{at}; refusing to project')
         matrix = conv_weight_as_matrix(weight)
         rank = self.plan.rank_of(target.name)
-        scale = None
+        scale = unfold = None
         if target.rectify:
             scale = bn_scale(target.norm)
             if not torch.isfinite(scale).all():
@@ -117,19 +113,22 @@ class LowRankProjector:
                                       f'has non-finite scale{at}')
             if scale.dtype != matrix.dtype and matrix.dtype in (torch.float32, torch.float64):
                 scale = scale.to(matrix.dtype)
+            unfold = unfold_factor(scale, self.bnr_eps)  # paper eq. 16
         warm = self.bases.get(target.name) if self.warm_start else None
         try:
             result = project_low_rank(matrix, rank, self.energy_transfer, warm_basis=warm,
-                                      method=self.method, row_scale=scale)
+                                      method=self.method, row_scale=scale,
+                                      output_row_factor=unfold, out=matrix)
         except ProjectionError as e:
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ProjectionError(f'layer {target.name!r} has {bad} non-finite weight '
+                                      f'value(s){at}; refusing to project') from e
             raise ProjectionError(f'layer {target.name!r}{at}: {e}') from e
-        projected = result.matrix
-        if scale is not None:  # paper eq. 16, in place on the fresh projection
-            projected.mul_(unfold_factor(scale, self.bnr_eps).to(projected.dtype)[:, None])
         if result.basis is not None:
             self.bases[target.name] = result.basis.detach()
         self.last_methods[target.name] = result.method
-        return projected.reshape(weight.shape), result.energy_kept
+        return result.energy_kept
 
     @torch.no_grad()
     def project(self, where: str = '',
@@ -150,9 +149,7 @@ class LowRankProjector:
         for target in self.targets:
             if layer_filter is not None and not layer_filter(target):
                 continue
-            new_weight, energy = self.projected_weight(target, where)
-            target.conv.weight.copy_(new_weight)
-            del new_weight
+            energy = self.project_layer(target, where)
             stats.energy_kept[target.name] = energy
             stats.methods[target.name] = self.last_methods[target.name]
             stats.num_layers += 1

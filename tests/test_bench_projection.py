@@ -1,0 +1,33 @@
+"""benchmarks/bench_projection.py end to end on ResNet-18 (no timing asserted here: speed
+lives in benchmarks/): the engine's projections meet the accuracy bound against float64
+singular values, the warm pass is warm, memory is measured in the child process."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_projection.py'
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location('bench_projection', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_accurate_warm_projections_and_measured_memory(tmp_path):
+    out = tmp_path / 'projection.json'
+    assert load_script().main(['--quick', '--threads', '2', '--out', str(out)]) == 0
+    data = json.loads(out.read_text())
+    cold, warm = data['rows']
+    assert cold['layers'] == warm['layers'] == data['settings']['layers'] > 0
+    assert set(cold['methods']) <= {'exact-f32', 'exact'}
+    assert warm['methods'] == {'warm': warm['layers']}
+    for row in data['rows']:
+        assert 0.0 <= row['worst_excess'] <= 1e-4 and row['rank_excess'] <= 0
+        assert row['svd_ms'] > 0 and row['engine_ms'] > 0
+        assert row['peak_extra_mb'] > 0 and row['peak_extra_ratio'] is not None
+    # the cold pass creates the warm-start bases, later passes replace them
+    assert cold['bases_stored_mb'] > 0 and abs(warm['bases_stored_mb']) < 1e-6
+    assert data['targets']['accuracy_within_1e4'] is True
+    assert '| random init (cold, first projection) |' in out.with_suffix('.md').read_text()
