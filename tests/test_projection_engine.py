@@ -280,3 +280,18 @@ def test_failed_projection_leaves_the_output_untouched():
         project_low_rank(target, 5, out=target)
     assert torch.equal(target.isnan(), w.isnan()) and torch.equal(target.nan_to_num(),
                                                                   w.nan_to_num())
+
+
+def test_warm_start_without_energy_at_the_cut_goes_to_float64_directly():
+    """Rows behind a zero BN scale: the folded matrix has rank 10 < k = 15."""
+    w = spectrum_matrix(30, 80)
+    a = torch.ones(30)
+    a[10:] = 0.0
+    first = project_low_rank(w, 15, False, row_scale=a)
+    gram = gram_matrix(w, 'left', torch.float32, a)
+    assert refine_basis(gram, first.basis, max_iterations=3).outcome == 'degenerate'
+    second = project_low_rank(w, 15, False, warm_basis=first.basis, row_scale=a)
+    assert second.method == 'exact'
+    folded = w * a[:, None]
+    assert achieved_error(folded, second.matrix) <= 1e-5 * float(folded.norm())
+    assert numerical_rank(second.matrix, rtol=1e-5) <= 15

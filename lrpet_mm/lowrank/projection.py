@@ -103,7 +103,7 @@ def _refine(gram: Tensor, start: Tensor, rtol: float
         ritz = refine_basis(gram, start.to(gram.dtype), WARM_ITERATIONS, rtol)
     except RuntimeError:  # solver failure: the caller falls back to the exact method
         return None, total_energy, 'solver-failure'
-    if ritz.outcome in ('no-gap', 'max-iterations'):
+    if ritz.outcome in ('no-gap', 'degenerate', 'max-iterations'):
         return None, total_energy, ritz.outcome
     return ritz, total_energy, ritz.outcome
 
@@ -136,7 +136,8 @@ def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True,
                      warm_basis: Optional[Tensor] = None, method: str = 'auto',
                      rtol: float = ENERGY_RTOL, row_scale: Optional[Tensor] = None,
                      output_row_factor: Optional[Tensor] = None,
-                     out: Optional[Tensor] = None) -> LowRankProjection:
+                     out: Optional[Tensor] = None, float32_exact: bool = True
+                     ) -> LowRankProjection:
     """Project a (m, n) matrix onto the rank-``rank`` matrices (Eckart–Young optimum).
 
     With ``row_scale`` a (shape (m,)) the matrix projected is diag(a)·M (the BN-folded weight
@@ -159,6 +160,9 @@ def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True,
       :func:`~lrpet_mm.lowrank.subspace.certified_top_basis`); failing that, as ``'exact'``;
     * ``'exact'``: eigendecomposition of the float64 Gram matrix of the smaller side;
     * ``'svd'``: full thin SVD (the reference; slow).
+
+    ``float32_exact=False`` skips the ``'exact-f32'`` attempt (for a layer whose previous
+    projection needed the float64 one: its cut has no float32-resolvable gap).
 
     ``out`` (shape (m, n), the working dtype) receives the result; it may be ``matrix``
     itself (in-place projection: the matrix is only overwritten once everything else is
@@ -207,10 +211,11 @@ def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True,
         used = 'svd'
     elif accepted is not None:
         basis, coefficients, kept_energy = accepted
-    if (method == 'auto' and accepted is None and outcome != 'stagnated'
-            and work.dtype == torch.float32):
+    if (method == 'auto' and float32_exact and accepted is None
+            and outcome not in ('stagnated', 'degenerate') and work.dtype == torch.float32):
         # Cold (or far from converged): the float32 eigendecomposition, accepted with its
-        # certificate; float64 where the gap at the cut is below float32's resolution.
+        # certificate; float64 where the gap at the cut is below float32's resolution
+        # (known beforehand when the warm attempt found θ_k at float32's rounding level).
         gram = gram_matrix(work, side, work.dtype, row_scale)
         total_energy = _trace(gram)
         eig = (certified_top_basis(gram, rank)

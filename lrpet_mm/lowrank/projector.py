@@ -118,7 +118,9 @@ class LowRankProjector:
         try:
             result = project_low_rank(matrix, rank, self.energy_transfer, warm_basis=warm,
                                       method=self.method, row_scale=scale,
-                                      output_row_factor=unfold, out=matrix)
+                                      output_row_factor=unfold, out=matrix,
+                                      float32_exact=self.last_methods.get(target.name)
+                                      != 'exact')
         except ProjectionError as e:
             bad = int((~torch.isfinite(weight)).sum())
             if bad:

@@ -182,7 +182,9 @@ class RitzBasis:
         outcome: why :func:`refine_basis` stopped: ``'certified'``, ``'no-gap'`` (no
             eigenvalue gap proven at the cut: the basis is far from converged),
             ``'stagnated'`` (the bound stopped shrinking: typically the dtype's rounding
-            level) or ``'max-iterations'``.
+            level), ``'degenerate'`` (θ_k at the dtype's rounding level: the k-th direction
+            carries no resolvable energy, e.g. behind a zero BN scale) or
+            ``'max-iterations'``.
     """
     basis: Tensor
     h: Tensor
@@ -329,9 +331,13 @@ def refine_basis(gram: Tensor, start: Tensor, max_iterations: int = 1,
             outcome = 'certified'
             break
         # Not certified: the numeric bound decides whether iterating helps.
-        while (float(ritz.values[-1]) <= min(residual + margin, ritz.complement_max)
+        while (ritz.value_rounding < float(ritz.values[-1])
+               <= min(residual + margin, ritz.complement_max)
                and _tighten_complement(ritz, gram, gq)):
             pass
+        if float(ritz.values[-1]) <= ritz.value_rounding:
+            outcome = 'degenerate'  # θ_k at the rounding level: no gap to find in this dtype
+            break
         bound = excess_energy_bound(ritz, residual + margin)
         if bound == float('inf') and iteration >= 2:
             outcome = 'no-gap'
