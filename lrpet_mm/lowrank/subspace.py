@@ -400,14 +400,6 @@ def expand_coefficients(basis: Tensor, coefficients: Tensor, side: str, scale: f
     return torch.matmul(coefficients, basis.t(), out=out)
 
 
-def project_on_basis(matrix: Tensor, basis: Tensor, side: str,
-                     row_scale: Optional[Tensor] = None) -> Tuple[Tensor, float]:
-    """``(P, ‖P‖_F²)``: the projection of M' = diag(row_scale)·M (or M) on the span of the
-    orthonormal (s, k) basis: P = Q Qᵀ M' (left) or M' Q Qᵀ (right), shape (m, n)."""
-    coefficients, kept = basis_coefficients(matrix, basis, side, row_scale)
-    return expand_coefficients(basis, coefficients, side), kept
-
-
 def rounding_margin(total_energy: float, dtype: torch.dtype) -> float:
     """Absolute uncertainty of a residual energy τ² = ‖M‖² − ‖P‖² computed in ``dtype``."""
     return 8 * torch.finfo(dtype).eps * total_energy
@@ -424,13 +416,6 @@ def allowed_excess(residual_energy: float, total_energy: float, dtype: torch.dty
     floor = (4 * torch.finfo(dtype).eps) ** 2 * total_energy
     lower = max(residual_energy - rounding_margin(total_energy, dtype), 0.0)
     return (rtol * lower + floor) / (1 + rtol)
-
-
-def certificate_holds(excess_bound: float, residual_energy: float, total_energy: float,
-                      dtype: torch.dtype, rtol: float = ENERGY_RTOL) -> bool:
-    """Whether τ² <= (1 + ``rtol``)·Σ_{i>k} σ_i² follows from an excess bound (see
-    :func:`allowed_excess`)."""
-    return excess_bound <= allowed_excess(residual_energy, total_energy, dtype, rtol)
 
 
 def warm_start_usable(start: Optional[Tensor], side_size: int, rank: int) -> bool:
