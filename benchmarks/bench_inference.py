@@ -4,8 +4,9 @@
 ResNet-50 backbone and whole Faster R-CNN (configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py,
 −50 % backbone FLOPs) and whole PSPNet R50-D8 (configs/lrpet/pspnet_*.py, −30 %), random weights
 made exactly low-rank at the planner's ranks; at 3x512x512 and 3x800x1333; PyTorch eager and
-onnxruntime; original / factorized / latency-merged, timed interleaved; median of N runs after
-warm-up. Prints a Markdown table and writes benchmarks/results/inference.{json,md}.
+onnxruntime (eager in NCHW and in channels_last); original / factorized / latency-merged, timed
+interleaved; median of N runs after warm-up; freed memory retained by the allocator unless
+--allocator default. Prints a Markdown table and writes benchmarks/results/inference.{json,md}.
 
     python benchmarks/bench_inference.py               # full run (~40 min on 1 thread of the
                                                        # 2-core dev machine)
@@ -50,6 +51,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='input sizes (default 512x512 800x1333; --quick: 224x224)')
     parser.add_argument('--no-onnx', action='store_true', help='eager PyTorch only')
     parser.add_argument('--no-segmentor', action='store_true', help='skip PSPNet')
+    parser.add_argument('--layouts', nargs='+', default=None,
+                        choices=('contiguous', 'channels_last'),
+                        help='eager memory formats timed (default: both)')
+    parser.add_argument('--allocator', default=None, choices=('retain', 'default'),
+                        help="'retain' (default): keep freed memory in the process "
+                             "(lrpet_mm.deploy.retain_freed_memory) so eager PyTorch does not "
+                             "page-fault its activations in on every forward; 'default': glibc "
+                             'as it is')
     parser.add_argument('--out', default=None,
                         help='output stem (default benchmarks/results/inference, or '
                              'work_dirs/bench_inference/quick/inference with --quick)')
@@ -74,7 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             merge_repeats=args.merge_repeats, merge_margin=args.merge_margin,
             shapes=parse_sizes(args.inputs) if args.inputs else None,
             onnx=False if args.no_onnx else None,
-            segmentor=False if args.no_segmentor else None)
+            segmentor=False if args.no_segmentor else None,
+            layouts=tuple(args.layouts) if args.layouts else None, allocator=args.allocator)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -12,11 +12,12 @@ FLOPS = {'original': 200, 'factorized': 100, 'latency-merged': 125}
 LOW_RANK = {'original': 0, 'factorized': 53, 'latency-merged': 50}
 
 
-def rows_for(original_ms: float, factorized_ms: float, merged_ms: float, backbone=True):
+def rows_for(original_ms: float, factorized_ms: float, merged_ms: float, backbone=True,
+             layout='contiguous'):
     times = {'original': original_ms, 'factorized': factorized_ms,
              'latency-merged': merged_ms}
     return make_rows('ResNet-50 backbone', 'backbone', (3, 64, 64), 'torch', times, FLOPS, 3,
-                     LOW_RANK, backbone)
+                     LOW_RANK, backbone, layout)
 
 
 def test_p3_needs_speedup_of_0_8_times_the_planned_flops_ratio():
@@ -34,14 +35,18 @@ def test_p3_needs_speedup_of_0_8_times_the_planned_flops_ratio():
 
 def test_markdown_table_marks_p3_only_on_backbone_rows():
     rows = rows_for(100.0, 62.0, 70.0) + [
-        dict(r, model='PSPNet whole') for r in rows_for(10.0, 9.0, 9.0, backbone=False)]
+        dict(r, model='PSPNet whole') for r in rows_for(10.0, 9.0, 9.0, backbone=False,
+                                                        layout='channels_last')]
     result = dict(rows=rows, onnx_sizes=[], date='today', wall_seconds=1.0,
                   machine=dict(cpu='cpu', threads=1, usable_cores=2, torch='t',
                                onnxruntime='o', load_average_start=[0.5, 0, 0],
-                               load_average_end=[0.7, 0, 0]),
+                               load_average_end=[0.7, 0, 0], allocator='glibc default'),
                   settings=dict(repeats=5, warmup=1, p3_factor=0.8))
     lines = markdown(result).splitlines()
     assert lines[2].endswith('| 1.61 | 2.00 | 0.81 | pass |')
+    assert '| torch contiguous | factorized |' in lines[2]
+    assert '| torch channels_last | factorized |' in lines[4]
+    assert 'Allocator: glibc default.' in lines[-1]
     assert '| latency-merged (3 merged) |' in lines[3] and lines[3].endswith('| FAIL |')
     assert lines[4].startswith('| PSPNet whole |') and lines[4].endswith('|  |')
 
@@ -56,5 +61,14 @@ def test_bad_benchmark_arguments_are_refused(capsys):
     assert 'threads must be >= 1, got 0' in capsys.readouterr().err
     with pytest.raises(ValueError, match='repeats must be >= 1'):
         default_settings(repeats=0)
+    with pytest.raises(ValueError, match=r"memory_format must be one of .*got 'nhwc'"):
+        default_settings(layouts=('nhwc', ))
+    with pytest.raises(ValueError, match=r"allocator must be one of \('retain', 'default'\), "
+                                         r"got 'jemalloc'"):
+        default_settings(allocator='jemalloc')
+    with pytest.raises(SystemExit) as exited:  # argparse refuses it
+        script.main(['--layouts', 'nhwc'])
+    assert exited.value.code == 2
+    assert "invalid choice: 'nhwc'" in capsys.readouterr().err
     quick = default_settings(quick=True)
     assert quick.shapes == ((3, 224, 224), ) and not quick.segmentor

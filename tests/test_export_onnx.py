@@ -128,7 +128,9 @@ def test_latency_aware_merge_merges_exactly_the_slower_layers(det, monkeypatch):
     x = torch.randn(1, *DET_SHAPE, generator=torch.Generator().manual_seed(5))
     calls, runtimes = {}, set()
 
-    def fake_timing(factorized, merged, shape, runtime, repeats, warmup, threads):
+    def fake_timing(factorized, merged, shape, runtime, repeats, warmup, threads,
+                    memory_format):
+        assert memory_format == 'contiguous'
         runtimes.add(runtime)
         calls[id(factorized)] = calls.get(id(factorized), 0) + 1
         # the factorized pair is slower for layers reading 64 channels; for those reading 128
@@ -169,6 +171,51 @@ def test_latency_aware_merge_times_every_layer_for_real(seg):
     with torch.no_grad():
         for a, b in zip(result.model(x), backbone(x)):
             assert max_normalized_error(a.numpy(), b.numpy()) < 1e-5
+
+
+def test_latency_aware_merge_times_and_returns_the_channels_last_layout(seg, monkeypatch):
+    backbone = seg.compact.model.backbone
+    x = torch.randn(1, *SEG_SHAPE)
+    real_timing, layouts = latency_module.time_layer_pair, []
+
+    def recording_timing(factorized, merged, shape, runtime, repeats, warmup, threads,
+                         memory_format):
+        layouts.append(memory_format)
+        # both modules are in the layout they are timed in
+        for module in (factorized, merged):
+            for weight in (m.weight for m in module.modules() if isinstance(m, nn.Conv2d)):
+                assert weight.is_contiguous(memory_format=torch.channels_last)
+        return real_timing(factorized, merged, shape, runtime, repeats, warmup, threads,
+                           memory_format)
+
+    monkeypatch.setattr(latency_module, 'time_layer_pair', recording_timing)
+    result = latency_aware_merge(backbone, x, runtime='torch', repeats=1, warmup=0, threads=1,
+                                 confirm=False, memory_format='channels_last')
+    assert layouts and set(layouts) == {'channels_last'}
+    assert result.memory_format == 'channels_last' and 'channels_last' in result.summary()
+    assert result.to_dict()['memory_format'] == 'channels_last'
+    conv = result.model.get_submodule('layer1.0.conv2')
+    conv = conv if isinstance(conv, nn.Conv2d) else conv[0]
+    assert conv.weight.shape[-1] == 3
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not backbone.get_submodule('layer1.0.conv2')[0].weight.is_contiguous(
+        memory_format=torch.channels_last)  # the input model keeps its layout
+    with torch.no_grad():
+        for a, b in zip(result.model(x.contiguous(memory_format=torch.channels_last)),
+                        backbone(x)):
+            assert max_normalized_error(a.numpy(), b.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize('runtime,memory_format,message', [
+    ('onnxruntime', 'channels_last', r"memory_format='channels_last' applies to "
+                                     r"runtime='torch' only"),
+    ('torch', 'nhwc', r"memory_format must be one of \['channels_last', 'contiguous'\], "
+                      r"got 'nhwc'"),
+])
+def test_latency_aware_merge_rejects_a_bad_memory_format(seg, runtime, memory_format, message):
+    with pytest.raises(ValueError, match=message):
+        latency_aware_merge(seg.compact.model.backbone, torch.randn(1, *SEG_SHAPE),
+                            runtime=runtime, memory_format=memory_format)
 
 
 def test_fold_batchnorms_keeps_outputs_and_removes_every_paired_bn(seg):

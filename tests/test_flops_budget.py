@@ -30,16 +30,24 @@ def resnet_v1c50_mmseg():
                             contract_dilation=True, init_cfg=None)).eval()
 
 
-@pytest.mark.parametrize('make_model,reduction,shape', [
-    (resnet50_mmdet, 0.5, (3, 192, 320)),
-    (resnet_v1c50_mmseg, 0.3, (3, 128, 128)),
+@pytest.mark.parametrize('make_model,reduction,shape,multiple', [
+    (resnet50_mmdet, 0.5, (3, 192, 320), 1),
+    (resnet50_mmdet, 0.5, (3, 192, 320), 8),
+    (resnet_v1c50_mmseg, 0.3, (3, 128, 128), 1),
 ])
 def test_flops_budget_lands_within_one_percent_on_the_compact_model(make_model, reduction,
-                                                                    shape):
+                                                                    shape, multiple):
     torch.manual_seed(0)
     model = make_model()
     selection = select_targets(model)
-    result = plan_ranks_for_flops(model.backbone, 'backbone', selection, reduction, shape)
+    result = plan_ranks_for_flops(model.backbone, 'backbone', selection, reduction, shape,
+                                  rank_multiple=multiple)
+    ranks = [layer.rank for layer in result.plan.layers.values()]
+    assert len(ranks) == 53
+    if multiple > 1:
+        assert all(k % multiple == 0 for k in ranks), ranks
+    else:  # the unaligned plan of this budget has ranks like 26 and 105
+        assert any(k % 8 for k in ranks), ranks
     before = count_flops(model.backbone, shape)
     assert result.flops_before == before
     # the compact model really built from projected weights, counted by mmengine.analysis

@@ -103,6 +103,34 @@ def test_rank_ratio_out_of_range_is_rejected_with_the_value(bad):
         rank_for_ratio(64, 64, bad)
 
 
+@pytest.mark.parametrize('m,n,ratio,multiple,expected', [
+    (64, 576, 0.6, 8, 24),     # floor 25.6 -> 25 -> nearest multiple of 8: 24
+    (64, 576, 0.59, 8, 24),    # 26 -> 24
+    (64, 576, 0.55, 8, 32),    # 28 -> 32 (halves round up)
+    (128, 1152, 0.59, 8, 56),  # 52 -> 56 (52 / 8 = 6.5 rounds up)
+    (10, 30, 0.9, 8, 8),       # at least one multiple
+    (6, 30, 0.5, 8, 6),        # never above min(m, n)
+    (64, 576, 0.6, 1, 25),     # 1 = the paper's floor
+])
+def test_rank_multiple_rounds_to_the_nearest_multiple(m, n, ratio, multiple, expected):
+    k = rank_for_ratio(m, n, ratio, rank_multiple=multiple)
+    full = min(m, n)
+    raw = math.floor(round((1 - ratio) * full, 9))
+    nearest = max(multiple, multiple * math.floor(raw / multiple + 0.5))
+    assert k == min(nearest, full)
+    assert k == expected
+    if multiple > 1 and full >= multiple:
+        assert k % multiple == 0 and (abs(k - raw) <= multiple / 2 or k == multiple)
+
+
+@pytest.mark.parametrize('bad', [0, -8, 2.5, True, '8'])
+def test_bad_rank_multiple_is_rejected_with_the_value(bad):
+    with pytest.raises(ValueError, match=r'rank_multiple must be an int >= 1, got'):
+        rank_for_ratio(64, 64, 0.5, rank_multiple=bad)
+    with pytest.raises(ValueError, match=r'rank_multiple must be an int >= 1, got'):
+        plan_ranks({'a.conv': (8, 72)}, 0.5, rank_multiple=bad)
+
+
 def test_factorization_pays_only_when_it_saves_parameters():
     assert factorization_pays(64, 576, 32)
     assert not factorization_pays(4, 4, 2)  # 2·8 = 16 = 4·4

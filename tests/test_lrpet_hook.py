@@ -196,6 +196,7 @@ def test_hook_is_found_under_mmdet_and_mmseg_default_scopes():
     (dict(flops_reduction=1.0), r'flops_reduction must be a number in \(0, 1\), got 1.0'),
     (dict(flops_reduction=0.0), r'flops_reduction must be a number in \(0, 1\), got 0.0'),
     (dict(flops_reduction=0.5, flops_input_shape=(3, 512)), r'flops_input_shape must be '),
+    (dict(flops_reduction=0.5, rank_multiple=0), r'rank_multiple must be an int >= 1, got 0'),
 ])
 def test_bad_hook_arguments_are_rejected_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -101,7 +101,8 @@ def factorized_copy(scope_module: nn.Module, scope: str, plan: RankPlan,
 def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetSelection,
                          flops_reduction: float, input_shape: Sequence[int],
                          layer_ratios: Optional[Mapping[str, float]] = None,
-                         min_rank: int = 1, tolerance: float = 0.01) -> FlopsPlanResult:
+                         min_rank: int = 1, tolerance: float = 0.01,
+                         rank_multiple: int = 1) -> FlopsPlanResult:
     """Choose a uniform rank ratio so the factorized scope module has (1 − r)× the FLOPs.
 
     The ratio is found by bisection on a per-layer FLOPs model (each conv's counted FLOPs
@@ -117,6 +118,9 @@ def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetS
         selection: the targets in scope (from ``select_targets``).
         flops_reduction: r ∈ (0, 1).
         input_shape: (C, H, W).
+        layer_ratios, min_rank, rank_multiple: as in
+            :func:`~lrpet_mm.lowrank.ranks.plan_ranks` (the bisection runs over the ratio, so
+            with ``rank_multiple`` > 1 the rounded ranks still meet the budget).
 
     Raises:
         ValueError: the target cannot be reached even at the highest ratio.
@@ -145,7 +149,7 @@ def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetS
         best = None
         for _ in range(40):
             mid = (lo + hi) / 2
-            plan = plan_ranks(shapes, mid, layer_ratios, min_rank)
+            plan = plan_ranks(shapes, mid, layer_ratios, min_rank, rank_multiple)
             value = predicted(plan)
             if best is None or abs(value - goal) < abs(best[2] - goal):
                 best = (mid, plan, value)
@@ -155,7 +159,7 @@ def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetS
                 hi = mid
         return best[0], best[1]
 
-    floor = predicted(plan_ranks(shapes, 0.999, layer_ratios, min_rank))
+    floor = predicted(plan_ranks(shapes, 0.999, layer_ratios, min_rank, rank_multiple))
     if floor > target * (1 + tolerance):
         raise ValueError(f'flops_reduction {flops_reduction} cannot be reached in scope '
                          f'{scope!r}: factorizing every target at the highest ratio removes '

@@ -16,11 +16,18 @@ model is factorized exactly.
 
 Variants, timed interleaved in one run: ``original``; ``factorized`` (every planned conv
 factorized); ``latency-merged`` (:func:`lrpet_mm.deploy.latency_aware_merge` measured in the
-same runtime at the same input: factorized layers slower than their merged conv are merged
-back). Eager PyTorch runs all variants with every BN folded into its conv (onnxruntime folds
-them itself), so the comparison measures the factorization, not BN folding. Each latency is
-the median of ``repeats`` runs after ``warmup`` runs. FLOPs are counted by mmengine.analysis
-(one multiply-add = one FLOP) on the models as run.
+same runtime, layout and input size: factorized layers slower than their merged conv are
+merged back). Eager PyTorch runs all variants with every BN folded into its conv (onnxruntime
+folds them itself), so the comparison measures the factorization, not BN folding, in each of
+``layouts`` (``contiguous`` NCHW and ``channels_last``, oneDNN's fast path; the model weights
+and the input in the same layout). Each latency is the median of ``repeats`` runs after
+``warmup`` runs. FLOPs are counted by mmengine.analysis (one multiply-add = one FLOP) on the
+models as run.
+
+``allocator='retain'`` (the default) first calls
+:func:`lrpet_mm.deploy.retain_freed_memory` for the whole process, so eager PyTorch does not
+page-fault its large activations in again on every forward (onnxruntime has its own arena);
+``'default'`` leaves glibc as it is.
 
 P3 (backbone rows): speedup ≥ 0.8 × the planned compact model's FLOPs ratio (original /
 factorized), judged for both the factorized and the latency-merged variant.
@@ -45,9 +52,9 @@ from torch import nn
 
 from ..analysis.flops import count_flops
 from ..analysis.report import TensorForward, fixed_proposal_count, make_data_samples
-from ..deploy import (default_threads, export_onnx, export_wrapper, fold_batchnorms,
-                      interleaved_median_ms, latency_aware_merge, low_rank_layers, ort_runner,
-                      ort_session)
+from ..deploy import (check_memory_format, default_threads, export_onnx, export_wrapper,
+                      fold_batchnorms, interleaved_median_ms, latency_aware_merge,
+                      low_rank_layers, ort_runner, ort_session, retain_freed_memory)
 from ..deploy.synthetic import synthetic_compact_model
 from ..utils.atomic import atomic_path
 
@@ -60,6 +67,7 @@ QUICK_INPUT = (3, 224, 224)
 P3_FACTOR = 0.8
 VARIANTS = ('original', 'factorized', 'latency-merged')
 RUNTIMES = ('torch', 'onnxruntime')
+ALLOCATORS = ('retain', 'default')
 
 
 @dataclass
@@ -74,6 +82,8 @@ class Settings:
     merge_margin: float = 0.05
     onnx: bool = True
     segmentor: bool = True
+    layouts: Tuple[str, ...] = ('contiguous', 'channels_last')
+    allocator: str = 'retain'
 
     def __post_init__(self):
         if self.threads is None:
@@ -87,6 +97,13 @@ class Settings:
         if not shapes or any(len(s) != 3 or min(s) <= 0 for s in shapes):
             raise ValueError(f'shapes must be (C, H, W) with positive sizes, got {self.shapes}')
         self.shapes = shapes
+        self.layouts = tuple(self.layouts)
+        if not self.layouts or len(set(self.layouts)) != len(self.layouts):
+            raise ValueError(f'layouts must be distinct and not empty, got {self.layouts}')
+        for layout in self.layouts:
+            check_memory_format(layout)
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f'allocator must be one of {ALLOCATORS}, got {self.allocator!r}')
 
 
 def default_settings(quick: bool = False, **overrides) -> Settings:
@@ -124,8 +141,9 @@ def machine_info(threads: int) -> dict:
 # --------------------------------------------------------------------------- rows
 def make_rows(label: str, part: str, shape: Sequence[int], runtime: str,
               times_ms: Dict[str, float], flops: Dict[str, int], merged_layers: int,
-              low_rank: Dict[str, int], is_backbone: bool) -> List[dict]:
-    """The ``factorized`` and ``latency-merged`` rows of one measurement.
+              low_rank: Dict[str, int], is_backbone: bool, layout: str = '') -> List[dict]:
+    """The ``factorized`` and ``latency-merged`` rows of one measurement (``layout``: the eager
+    memory format, '' for onnxruntime).
 
     ``times_ms`` / ``flops`` / ``low_rank`` are keyed by :data:`VARIANTS`. Speedup = original
     / variant time; FLOPs ratio = original / variant FLOPs; P3 (backbone rows only) = speedup
@@ -137,7 +155,8 @@ def make_rows(label: str, part: str, shape: Sequence[int], runtime: str,
         speedup = times_ms['original'] / times_ms[variant]
         ratio = flops['original'] / flops[variant]
         rows.append(dict(
-            model=label, part=part, input=shape_text(shape), runtime=runtime, variant=variant,
+            model=label, part=part, input=shape_text(shape), runtime=runtime, layout=layout,
+            variant=variant,
             original_ms=times_ms['original'], compact_ms=times_ms[variant], speedup=speedup,
             flops_original=flops['original'], flops_compact=flops[variant], flops_ratio=ratio,
             speedup_over_flops_ratio=speedup / ratio, planned_flops_ratio=planned_ratio,
@@ -177,12 +196,14 @@ class _Bench:
             self.flops_cache[key] = _flops(model, part, shape)
         return self.flops_cache[key]
 
-    def merge(self, family: str, compact: nn.Module, shape, runtime: str):
-        x = torch.zeros(1, *shape)
+    def merge(self, family: str, compact: nn.Module, shape, runtime: str,
+              layout: str = 'contiguous'):
+        x = torch.zeros(1, *shape).contiguous(memory_format=check_memory_format(layout))
         start = time.perf_counter()
         result = latency_aware_merge(compact, lambda m: m.backbone(x), runtime=runtime,
                                      repeats=self.s.merge_repeats, warmup=self.s.warmup,
-                                     margin=self.s.merge_margin, threads=self.s.threads)
+                                     margin=self.s.merge_margin, threads=self.s.threads,
+                                     memory_format=layout)
         record = dict(family=family, input=shape_text(shape), merged=len(result.merged),
                       measured=len(result.layers),
                       seconds=round(time.perf_counter() - start, 1), **result.to_dict())
@@ -192,11 +213,13 @@ class _Bench:
 
     def measure(self, label: str, family: str, part: str, shape, runtime: str,
                 models: Dict[str, nn.Module], merge_record: dict, is_backbone: bool,
-                flops_models: Optional[Dict[str, nn.Module]] = None) -> None:
-        """Time the three variants of ``part`` interleaved; append the two rows."""
+                flops_models: Optional[Dict[str, nn.Module]] = None, layout: str = '') -> None:
+        """Time the three variants of ``part`` interleaved; append the two rows. In eager
+        PyTorch the models must already be in ``layout``; the input is made so."""
         s = self.s
         x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
         if runtime == 'torch':
+            x = x.contiguous(memory_format=check_memory_format(layout))
             fns, stack = [], contextlib.ExitStack()
             for variant in VARIANTS:
                 module = _part_module(models[variant], part, shape)
@@ -220,14 +243,15 @@ class _Bench:
                 path.unlink()
         flops_models = flops_models or models
         flops = {v: self.flops((family, part, tuple(shape),
-                                runtime if v == 'latency-merged' else '', v),
+                                runtime + layout if v == 'latency-merged' else '', v),
                                flops_models[v], part, shape) for v in VARIANTS}
         rows = make_rows(label, part, shape, runtime, dict(zip(VARIANTS, times)), flops,
                          merge_record['merged'],
-                         {v: len(low_rank_layers(models[v])) for v in VARIANTS}, is_backbone)
+                         {v: len(low_rank_layers(models[v])) for v in VARIANTS}, is_backbone,
+                         layout)
         self.rows += rows
         for row in rows:
-            self.log(f'  {label} {row["input"]} {runtime} {row["variant"]}: '
+            self.log(f'  {label} {row["input"]} {runtime} {layout} {row["variant"]}: '
                      f'{row["original_ms"]:.1f} -> {row["compact_ms"]:.1f} ms, speedup '
                      f'{row["speedup"]:.2f}, FLOPs ratio {row["flops_ratio"]:.2f}')
 
@@ -242,11 +266,15 @@ class _Bench:
                       ('Faster R-CNN whole (tensor forward, 1000 RoIs)', 'detector', False)]
         for shape in self.s.shapes:
             self.log(f'Faster R-CNN R50 at {shape_text(shape)}')
-            merged, record = self.merge('faster-rcnn', folded['factorized'], shape, 'torch')
-            eager = dict(folded, **{'latency-merged': merged})
-            for label, part, is_backbone in parts:
-                self.measure(label, 'faster-rcnn', part, shape, 'torch', eager, record,
-                             is_backbone)
+            for layout in self.s.layouts:
+                eager = _in_layout(folded, layout)
+                merged, record = self.merge('faster-rcnn', eager['factorized'], shape, 'torch',
+                                            layout)
+                eager['latency-merged'] = merged
+                for label, part, is_backbone in parts:
+                    self.measure(label, 'faster-rcnn', part, shape, 'torch', eager, record,
+                                 is_backbone, layout=layout)
+            _in_layout(folded, 'contiguous')
             if not self.s.onnx:
                 continue
             merged, record = self.merge('faster-rcnn', compact, shape, 'onnxruntime')
@@ -264,9 +292,14 @@ class _Bench:
         label = 'PSPNet R50-D8 whole (encode_decode)'
         for shape in self.s.shapes:
             self.log(f'PSPNet R50-D8 at {shape_text(shape)}')
-            merged, record = self.merge('pspnet', folded['factorized'], shape, 'torch')
-            self.measure(label, 'pspnet', 'segmentor', shape, 'torch',
-                         dict(folded, **{'latency-merged': merged}), record, False)
+            for layout in self.s.layouts:
+                eager = _in_layout(folded, layout)
+                merged, record = self.merge('pspnet', eager['factorized'], shape, 'torch',
+                                            layout)
+                eager['latency-merged'] = merged
+                self.measure(label, 'pspnet', 'segmentor', shape, 'torch', eager, record,
+                             False, layout=layout)
+            _in_layout(folded, 'contiguous')
             if not self.s.onnx:
                 continue
             merged, record = self.merge('pspnet', compact, shape, 'onnxruntime')
@@ -274,6 +307,13 @@ class _Bench:
                          {'original': original, 'factorized': compact,
                           'latency-merged': merged}, record, False,
                          dict(folded, **{'latency-merged': fold_batchnorms(merged)[0]}))
+
+
+def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module]:
+    """``models`` converted in place to the eager memory format ``layout``; a new dict."""
+    for model in models.values():
+        model.to(memory_format=check_memory_format(layout))
+    return dict(models)
 
 
 def load_synthetic(config: Path, plan_shape: Optional[Sequence[int]] = None):
@@ -303,8 +343,9 @@ def markdown(result: dict) -> str:
         variant = r['variant']
         if variant == 'latency-merged':
             variant += f' ({r["merged_layers"]} merged)'
+        runtime = r['runtime'] + (f' {r["layout"]}' if r.get('layout') else '')
         lines.append(
-            f'| {r["model"]} | {r["input"]} | {r["runtime"]} | {variant} '
+            f'| {r["model"]} | {r["input"]} | {runtime} | {variant} '
             f'| {r["original_ms"]:.1f} | {r["compact_ms"]:.1f} | {r["speedup"]:.2f} '
             f'| {r["flops_ratio"]:.2f} | {r["speedup_over_flops_ratio"]:.2f} | {_p3(r["p3"])} |')
     text = '\n'.join(lines) + '\n'
@@ -323,8 +364,10 @@ def markdown(result: dict) -> str:
              f'Speedup = original ms / compact ms; FLOPs ratio = original / compact FLOPs '
              '(mmengine.analysis) of the models as run; P3 = speedup >= '
              f'{s["p3_factor"]} x the planned (factorized) FLOPs ratio, backbone rows. Eager '
-             'PyTorch runs with every BN folded in all variants; a latency-merged row with 0 '
-             'merged layers times the same network as the factorized row.\n')
+             'PyTorch runs with every BN folded in all variants, weights and input in the named '
+             'memory format (contiguous = NCHW); a latency-merged row with 0 merged layers '
+             'times the same network as the factorized row. Allocator: '
+             f'{m.get("allocator", "default")}.\n')
     return text
 
 
@@ -335,6 +378,12 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     info = machine_info(settings.threads)
+    info['allocator'] = 'glibc default'
+    if settings.allocator == 'retain':  # process-wide and final: see retain_freed_memory
+        info['allocator'] = ('glibc, freed memory retained (lrpet_mm.deploy.retain_freed_memory)'
+                             if retain_freed_memory() else
+                             'default (retain_freed_memory: not glibc, nothing changed)')
+    log(f'allocator: {info["allocator"]}')
     bench = _Bench(settings, log)
     try:
         with warnings.catch_warnings():

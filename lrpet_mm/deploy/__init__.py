@@ -1,6 +1,8 @@
 """Deployment: ONNX export with an onnxruntime check, the latency-aware merge of low-rank
-layers, BN folding for eager timings. ``onnx`` / ``onnxruntime`` are imported only when
+layers (eager NCHW or channels_last, or onnxruntime), BN folding for eager timings, the CPU
+allocator setting for eager inference. ``onnx`` / ``onnxruntime`` are imported only when
 exporting or timing in onnxruntime."""
+from .cpu_allocator import retain_freed_memory
 from .fold import fold_batchnorms
 from .latency import (LatencyMergeResult, LayerLatency, capture_input_shapes,
                       latency_aware_merge, low_rank_layers, merge_low_rank, time_layer_pair)
@@ -8,10 +10,10 @@ from .onnx_export import (ERROR_METRIC, PARTS, ExportResult, OnnxCheck, OnnxMism
                           StaticAdaptiveAvgPool2d, check_input_shape, check_onnx_path,
                           check_part, export_onnx, export_wrapper, format_size, load_model,
                           max_normalized_error, output_names, replace_adaptive_pools)
-from .timing import (default_threads, interleaved_median_ms, median_ms, ort_runner, ort_session,
-                     torch_threads)
+from .timing import (MEMORY_FORMATS, check_memory_format, default_threads,
+                     interleaved_median_ms, median_ms, ort_runner, ort_session, torch_threads)
 
-__all__ = ['fold_batchnorms', 'LatencyMergeResult', 'LayerLatency', 'capture_input_shapes',
+__all__ = ['retain_freed_memory', 'MEMORY_FORMATS', 'check_memory_format', 'fold_batchnorms', 'LatencyMergeResult', 'LayerLatency', 'capture_input_shapes',
            'latency_aware_merge', 'low_rank_layers', 'merge_low_rank', 'time_layer_pair',
            'ERROR_METRIC', 'PARTS', 'ExportResult', 'OnnxCheck', 'OnnxMismatchError',
            'StaticAdaptiveAvgPool2d', 'check_input_shape', 'check_onnx_path', 'check_part',

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..lowrank.factorize import LowRankConv2d
 from ..models.factorized_module import set_submodule
-from .timing import (check_repeats, check_threads, interleaved_median_ms, ort_runner,
-                     ort_session, torch_threads)
+from .timing import (check_memory_format, check_repeats, check_threads, interleaved_median_ms,
+                     ort_runner, ort_session, torch_threads)
 
 RUNTIMES = ('torch', 'onnxruntime')
 """Where layers are timed: PyTorch eager, or onnxruntime (CPUExecutionProvider)."""
@@ -108,16 +108,27 @@ def _onnx_bytes(module: nn.Module, x: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def time_layer_pair(factorized: nn.Module, merged: nn.Module, input_shape: Tuple[int, ...],
-                    runtime: str = 'torch', repeats: int = 20, warmup: int = 3,
-                    threads: Optional[int] = None) -> Tuple[float, float]:
-    """Median latency (ms) of ``factorized`` and of ``merged`` on one random input of
-    ``input_shape`` (N, C, H, W), timed interleaved in ``runtime``."""
+def _check_runtime(runtime: str, memory_format: str) -> None:
     if runtime not in RUNTIMES:
         raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
+    check_memory_format(memory_format)
+    if runtime != 'torch' and memory_format != 'contiguous':
+        raise ValueError(f"memory_format={memory_format!r} applies to runtime='torch' only "
+                         f'(onnxruntime picks its own layouts), got runtime={runtime!r}')
+
+
+def time_layer_pair(factorized: nn.Module, merged: nn.Module, input_shape: Tuple[int, ...],
+                    runtime: str = 'torch', repeats: int = 20, warmup: int = 3,
+                    threads: Optional[int] = None,
+                    memory_format: str = 'contiguous') -> Tuple[float, float]:
+    """Median latency (ms) of ``factorized`` and of ``merged`` on one random input of
+    ``input_shape`` (N, C, H, W), timed interleaved in ``runtime``; in eager PyTorch the
+    input has ``memory_format`` (the modules' weights should have it too)."""
+    _check_runtime(runtime, memory_format)
     param = next(factorized.parameters())
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(param)
     if runtime == 'torch':
+        x = x.contiguous(memory_format=check_memory_format(memory_format))
         with torch_threads(threads), torch.no_grad():
             return tuple(interleaved_median_ms([lambda: factorized(x), lambda: merged(x)],
                                                repeats, warmup))
@@ -158,6 +169,7 @@ class LatencyMergeResult:
     warmup: int = 0
     margin: float = 0.0
     confirm: bool = True
+    memory_format: str = 'contiguous'
     not_called: List[str] = field(default_factory=list)
 
     @property
@@ -166,21 +178,23 @@ class LatencyMergeResult:
 
     def summary(self) -> str:
         kept = len(self.layers) - len(self.merged)
-        return (f'latency-aware merge ({self.runtime}, {self.threads} threads): '
+        where = self.runtime + (f' {self.memory_format}' if self.runtime == 'torch' else '')
+        return (f'latency-aware merge ({where}, {self.threads} threads): '
                 f'{len(self.merged)} of {len(self.layers)} low-rank layers merged back into '
                 f'one conv (measured slower factorized), {kept} kept factorized')
 
     def to_dict(self) -> dict:
         return dict(runtime=self.runtime, threads=self.threads, repeats=self.repeats,
                     warmup=self.warmup, margin=self.margin, confirm=self.confirm,
-                    not_called=list(self.not_called),
+                    memory_format=self.memory_format, not_called=list(self.not_called),
                     layers=[asdict(layer) for layer in self.layers])
 
 
 def latency_aware_merge(model: nn.Module, example: Example, runtime: str = 'torch',
                         repeats: int = 20, warmup: int = 3, margin: float = 0.05,
                         threads: Optional[int] = None, confirm: bool = True,
-                        inplace: bool = False) -> LatencyMergeResult:
+                        inplace: bool = False,
+                        memory_format: str = 'contiguous') -> LatencyMergeResult:
     """Merge back every low-rank layer that is measured slower than its single-conv form.
 
     Args:
@@ -196,34 +210,40 @@ def latency_aware_merge(model: nn.Module, example: Example, runtime: str = 'torc
             that measurement agrees too (guards against a noisy machine); the recorded times
             are then the mean of the two medians. Defaults to True.
         inplace: modify ``model`` itself instead of a deep copy.
+        memory_format: eager layout the layers are timed in, ``'contiguous'`` (NCHW) or
+            ``'channels_last'`` (deploy the result in the same layout: which layers are slower
+            factorized depends on it); runtime ``'torch'`` only. Defaults to 'contiguous'.
 
     Returns:
-        The (copied) model, in eval mode, and the per-layer measurements. The merged model's
+        The (copied) model, in eval mode and in ``memory_format``, and the per-layer
+        measurements. The merged model's
         outputs equal the compact model's up to float rounding.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
+    _check_runtime(runtime, memory_format)
+    layout = check_memory_format(memory_format)
     check_repeats(repeats, warmup)
     threads = check_threads(threads)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
         raise ValueError(f'margin must be a number >= 0, got {margin!r}')
     model = model if inplace else copy.deepcopy(model)
     model.eval()  # (mmdet's ResNet.train returns None: no chaining)
+    model.to(memory_format=layout)
     layers = low_rank_layers(model)
     shapes = capture_input_shapes(model, example, layers)
     result = LatencyMergeResult(model, runtime=runtime, threads=threads, repeats=repeats,
-                                warmup=warmup, margin=float(margin), confirm=bool(confirm))
+                                warmup=warmup, margin=float(margin), confirm=bool(confirm),
+                                memory_format=memory_format)
     for name, pair in layers.items():
         if not shapes[name]:
             result.not_called.append(name)
             continue
-        merged_conv = merge_low_rank(pair)
+        merged_conv = merge_low_rank(pair).to(memory_format=layout)
 
         def measure() -> Tuple[float, float]:
             total_f = total_m = 0.0
             for shape, count in Counter(shapes[name]).items():
                 f_ms, m_ms = time_layer_pair(pair, merged_conv, shape, runtime, repeats,
-                                             warmup, threads)
+                                             warmup, threads, memory_format)
                 total_f += count * f_ms
                 total_m += count * m_ms
             return total_f, total_m

@@ -31,6 +31,17 @@ def check_threads(threads: Optional[int]) -> int:
     return threads
 
 
+MEMORY_FORMATS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
+"""Eager PyTorch activation / weight layouts: NCHW, or NHWC strides (oneDNN's fast path)."""
+
+
+def check_memory_format(name: str) -> torch.memory_format:
+    """The ``torch.memory_format`` named ``name`` (a key of :data:`MEMORY_FORMATS`)."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f'memory_format must be one of {sorted(MEMORY_FORMATS)}, got {name!r}')
+    return MEMORY_FORMATS[name]
+
+
 def check_repeats(repeats: int, warmup: int) -> None:
     for name, value, low in (('repeats', repeats, 1), ('warmup', warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -5,7 +5,7 @@ from .projection import (PROJECTION_METHODS, LowRankProjection, ProjectionError,
                          conv_weight_as_matrix,
                          numerical_rank, project_low_rank, truncated_svd)
 from .projector import LowRankProjector, ProjectionStats
-from .ranks import (LayerRank, RankPlan, check_rank_ratio, factorization_pays, plan_ranks,
+from .ranks import (LayerRank, RankPlan, check_rank_multiple, check_rank_ratio, factorization_pays, plan_ranks,
                     rank_for_ratio)
 from .targets import (ConvTarget, TargetSelection, find_conv_norm_pairs, get_scope_module,
                       select_targets)
@@ -14,7 +14,7 @@ __all__ = [
     'BNR_EPS', 'bn_scale', 'fold_bn_scale', 'is_batch_norm', 'unfold_bn_scale',
     'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError', 'conv_weight_as_matrix', 'numerical_rank',
     'project_low_rank', 'truncated_svd', 'LowRankProjector', 'ProjectionStats', 'LayerRank',
-    'RankPlan', 'check_rank_ratio', 'factorization_pays', 'plan_ranks', 'rank_for_ratio',
+    'RankPlan', 'check_rank_multiple', 'check_rank_ratio', 'factorization_pays', 'plan_ranks', 'rank_for_ratio',
     'ConvTarget', 'TargetSelection', 'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
 ]
 

