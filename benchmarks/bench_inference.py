@@ -8,8 +8,8 @@ onnxruntime (eager in NCHW and in channels_last); original / factorized / latenc
 interleaved; median of N runs after warm-up; freed memory retained by the allocator unless
 --allocator default. Prints a Markdown table and writes benchmarks/results/inference.{json,md}.
 
-    python benchmarks/bench_inference.py               # full run (~40 min on 1 thread of the
-                                                       # 2-core dev machine)
+    python benchmarks/bench_inference.py --threads 2   # full run (~28 min on the 2-core dev
+                                                       # machine)
     python benchmarks/bench_inference.py --quick       # backbone only, 3x224x224 (< 1 min);
                                                        # writes work_dirs/bench_inference/quick/
 
