@@ -256,57 +256,44 @@ class _Bench:
                      f'{row["speedup"]:.2f}, FLOPs ratio {row["flops_ratio"]:.2f}')
 
     def detector(self, det) -> None:
-        original, compact = det.original, det.compact.model
-        folded = {'original': fold_batchnorms(original)[0],
-                  'factorized': fold_batchnorms(compact)[0]}
         parts = [('ResNet-50 backbone', 'backbone', True)]
         if not self.s.quick:
             parts += [('Faster R-CNN features (backbone+FPN+RPN head)', 'detector-features',
                        False),
                       ('Faster R-CNN whole (tensor forward, 1000 RoIs)', 'detector', False)]
+        self.family('faster-rcnn', 'Faster R-CNN R50', det, parts)
+
+    def segmentor(self, seg) -> None:
+        self.family('pspnet', 'PSPNet R50-D8', seg,
+                    [('PSPNet R50-D8 whole (encode_decode)', 'segmentor', False)])
+
+    def family(self, family: str, title: str, synthetic,
+               parts: List[Tuple[str, str, bool]]) -> None:
+        """Every (label, part, is_backbone) of one model at every input size: eager in each
+        layout, then onnxruntime (where the part exports)."""
+        original, compact = synthetic.original, synthetic.compact.model
+        folded = {'original': fold_batchnorms(original)[0],
+                  'factorized': fold_batchnorms(compact)[0]}
         for shape in self.s.shapes:
-            self.log(f'Faster R-CNN R50 at {shape_text(shape)}')
+            self.log(f'{title} at {shape_text(shape)}')
             for layout in self.s.layouts:
                 eager = _in_layout(folded, layout)
-                merged, record = self.merge('faster-rcnn', eager['factorized'], shape, 'torch',
+                merged, record = self.merge(family, eager['factorized'], shape, 'torch',
                                             layout)
                 eager['latency-merged'] = merged
                 for label, part, is_backbone in parts:
-                    self.measure(label, 'faster-rcnn', part, shape, 'torch', eager, record,
+                    self.measure(label, family, part, shape, 'torch', eager, record,
                                  is_backbone, layout=layout)
             _in_layout(folded, 'contiguous')
             if not self.s.onnx:
                 continue
-            merged, record = self.merge('faster-rcnn', compact, shape, 'onnxruntime')
+            merged, record = self.merge(family, compact, shape, 'onnxruntime')
             exported = {'original': original, 'factorized': compact, 'latency-merged': merged}
             flops_models = dict(folded, **{'latency-merged': fold_batchnorms(merged)[0]})
             for label, part, is_backbone in parts:
                 if part != 'detector':  # RoIAlign / NMS do not export without custom ops
-                    self.measure(label, 'faster-rcnn', part, shape, 'onnxruntime', exported,
+                    self.measure(label, family, part, shape, 'onnxruntime', exported,
                                  record, is_backbone, flops_models)
-
-    def segmentor(self, seg) -> None:
-        original, compact = seg.original, seg.compact.model
-        folded = {'original': fold_batchnorms(original)[0],
-                  'factorized': fold_batchnorms(compact)[0]}
-        label = 'PSPNet R50-D8 whole (encode_decode)'
-        for shape in self.s.shapes:
-            self.log(f'PSPNet R50-D8 at {shape_text(shape)}')
-            for layout in self.s.layouts:
-                eager = _in_layout(folded, layout)
-                merged, record = self.merge('pspnet', eager['factorized'], shape, 'torch',
-                                            layout)
-                eager['latency-merged'] = merged
-                self.measure(label, 'pspnet', 'segmentor', shape, 'torch', eager, record,
-                             False, layout=layout)
-            _in_layout(folded, 'contiguous')
-            if not self.s.onnx:
-                continue
-            merged, record = self.merge('pspnet', compact, shape, 'onnxruntime')
-            self.measure(label, 'pspnet', 'segmentor', shape, 'onnxruntime',
-                         {'original': original, 'factorized': compact,
-                          'latency-merged': merged}, record, False,
-                         dict(folded, **{'latency-merged': fold_batchnorms(merged)[0]}))
 
 
 def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module]:
