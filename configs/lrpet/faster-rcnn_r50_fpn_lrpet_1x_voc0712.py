@@ -9,5 +9,5 @@ _base_ = 'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py'
 
 custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
 # rank_multiple=8: every rank a multiple of 8 (the budget is still met), which convolution
-# kernels run markedly faster than ranks like 26 or 105 (benchmarks/bench_inference.py).
+# kernels run markedly faster than ranks like 26 or 105 (benchmarks/bench_rank_alignment.py).
 custom_hooks = [dict(type='LRPETHook', flops_reduction=0.5, interval=1, rank_multiple=8)]

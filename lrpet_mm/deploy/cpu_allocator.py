@@ -2,8 +2,8 @@
 
 With glibc's default settings every allocation above the (dynamic, at most 32 MiB) mmap
 threshold is a fresh ``mmap`` and every free an ``munmap``, and freed memory at the top of the
-heap is trimmed; the next forward pass then page-faults its activations in again (measured
-here: ~295 000 minor page faults per forward of eight 1×1 convs at 200×334, none with
+heap is trimmed; the next forward pass then page-faults its activations in again
+(``tests/test_cpu_allocator.py`` counts the minor page faults per forward with and without
 :func:`retain_freed_memory`). At detection input sizes (800×1333: 68 MB feature maps) those
 faults cost a fixed amount per forward, the same for the original and the factorized model, so
 they hide the factorization's speedup. onnxruntime has its own arena and does not pay it;
