@@ -30,4 +30,15 @@ def test_quick_run_reports_accurate_warm_projections_and_measured_memory(tmp_pat
     # the cold pass creates the warm-start bases, later passes replace them
     assert cold['bases_stored_mb'] > 0 and abs(warm['bases_stored_mb']) < 1e-6
     assert data['targets']['accuracy_within_1e4'] is True
-    assert '| random init (cold, first projection) |' in out.with_suffix('.md').read_text()
+    table = out.with_suffix('.md').read_text()
+    assert '| random init (cold, first projection) |' in table
+    # the warm pass's time is broken down by stage; the cold pass has no warm stages
+    assert 'stages_ms' not in cold
+    module = load_script()
+    assert set(warm['stages_ms']) == set(module.STAGES)
+    assert all(ms > 0 for ms in warm['stages_ms'].values())
+    floor = sum(warm['stages_ms'][s] for s in module.UNAVOIDABLE_STAGES)
+    assert abs(warm['floor_ms'] - floor) < 1e-9
+    assert abs(warm['speedup_cap'] - warm['svd_ms'] / floor) < 1e-9
+    assert abs(warm['rest_ms'] - (warm['engine_ms'] - sum(warm['stages_ms'].values()))) < 1e-9
+    assert "Where the warm engine's time goes" in table
