@@ -184,6 +184,27 @@ def test_projector_warm_starts_the_second_projection_and_matches_exact():
                                    plan.layers[name].in_features), plan.rank_of(name))
 
 
+def test_channels_last_weights_are_projected_in_their_own_memory_format():
+    # A 3x3 conv in channels_last has no (m, n) view: the projection runs on a copy and must
+    # be written back (it was silently lost before), keeping the parameter and its layout.
+    torch.manual_seed(0)
+    model = TwoConvs()
+    projector, plan = make_projector(model)
+    reference = TwoConvs()
+    reference.load_state_dict(model.state_dict())
+    expected, _ = make_projector(reference, init_bn=False)
+    expected.project()
+    model.to(memory_format=torch.channels_last)
+    params = {name: w for name, w in projector.weights().items()}
+    assert not params['body.0'].is_contiguous()
+    projector.project()
+    for name, w in projector.weights().items():
+        assert w is params[name]
+        assert w.is_contiguous(memory_format=torch.channels_last), name
+        assert torch.allclose(w, expected.weights()[name], atol=1e-6), name
+        assert numerical_rank(w.detach().reshape(w.shape[0], -1)) <= plan.rank_of(name)
+
+
 def test_basis_state_round_trip_and_bad_entries_are_dropped():
     torch.manual_seed(0)
     projector, plan = make_projector(TwoConvs())

@@ -100,10 +100,13 @@ class LowRankProjector:
         """Project one target's weight in place; returns the energy kept.
 
         The weight is only written once the projection succeeded (an error leaves it as it
-        was). Updates the layer's cached basis (and :attr:`last_methods`)."""
+        was), in its own memory format: a weight whose (m, n) matrix is not a view of it
+        (e.g. a channels_last 3×3 conv) is projected in a contiguous copy, then copied back.
+        Updates the layer's cached basis (and :attr:`last_methods`)."""
         weight = target.conv.weight.detach()
         at = f' at {where}' if where else ''
         matrix = conv_weight_as_matrix(weight)
+        is_view = matrix.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
         rank = self.plan.rank_of(target.name)
         scale = unfold = None
         if target.rectify:
@@ -127,6 +130,8 @@ class LowRankProjector:
                 raise ProjectionError(f'layer {target.name!r} has {bad} non-finite weight '
                                       f'value(s){at}; refusing to project') from e
             raise ProjectionError(f'layer {target.name!r}{at}: {e}') from e
+        if not is_view:
+            weight.copy_(matrix.view(weight.shape))
         if result.basis is not None:
             self.bases[target.name] = result.basis.detach()
         self.last_methods[target.name] = result.method
