@@ -3,7 +3,8 @@
 Projects every planned conv of a ResNet backbone (BN rectification and energy transfer on,
 as LRPETHook does by default) with
 
-* the baseline: per-layer full ``torch.linalg.svd`` (``LowRankProjector(method='svd')``), and
+* the baseline: per-layer full ``torch.linalg.svd`` (``LowRankProjector(method='svd')``:
+  P̂ = U_k·(S_k·V_kᵀ) of the BN-folded weight, one product after the SVD), and
 * the engine: ``LowRankProjector()`` (exact float64 Gram eigendecomposition the first time,
   certified warm-started subspace iteration afterwards),
 
@@ -294,8 +295,8 @@ def markdown(rows: List[dict], settings: dict) -> str:
                          f"{r['speedup_cap']:.1f}× |")
         lines += ['', 'The last column bounds the speedup of any engine that forms the Gram '
                   'matrix and writes the dense projected weight, at this machine\'s speed for '
-                  'those three products (the SVD baseline also forms the coefficients and the '
-                  'expansion).']
+                  'those three products (the SVD baseline takes its coefficients S_k·V_kᵀ from '
+                  'the SVD and forms only the expansion).']
     return '\n'.join(lines) + '\n'
 
 

@@ -122,9 +122,15 @@ def _accept(work: Tensor, ritz: RitzBasis, total_energy: float, side: str,
     return basis, coefficients, kept_energy
 
 
-def _top_basis_by_svd(work: Tensor, rank: int, side: str) -> Tensor:
-    u, _, vh = truncated_svd(work, rank)
-    return u if side == 'left' else vh.t()
+def _top_triplets_by_svd(folded: Tensor, rank: int, side: str) -> Tuple[Tensor, Tensor, float]:
+    """``(basis, coefficients, kept energy)`` of the folded matrix straight from its full SVD
+    (the reference method): basis U_k with coefficients S_k·Vh_k (left side), or V_k with
+    U_k·S_k (right side); no further product with the matrix."""
+    u, s, vh = truncated_svd(folded, rank)
+    kept_energy = float(s.double().pow(2).sum())
+    if side == 'left':
+        return u, s[:, None] * vh, kept_energy
+    return vh.t(), u * s, kept_energy
 
 
 def _check_out(out: Tensor, shape: Tuple[int, int]) -> None:
@@ -205,9 +211,8 @@ def project_low_rank(matrix: Tensor, rank: int, energy_transfer: bool = True,
             raise ProjectionError(f'the {tuple(matrix.shape)} matrix has non-finite values')
         if total_energy == 0.0:
             return _zero_result(matrix, out, 1.0, None, method)
-        basis = _top_basis_by_svd(folded, rank, side)
+        basis, coefficients, kept_energy = _top_triplets_by_svd(folded, rank, side)
         del folded
-        coefficients, kept_energy = basis_coefficients(work, basis, side, row_scale)
         used = 'svd'
     elif accepted is not None:
         basis, coefficients, kept_energy = accepted
