@@ -11,7 +11,7 @@ its layout reorders), max-pooling, element-wise ops (residual add, ReLU) and the
 Batch 1, freed memory retained (``lrpet_mm.deploy.retain_freed_memory``). Prints a Markdown
 table and writes benchmarks/results/eager_profile.{json,md}.
 
-    python benchmarks/bench_eager_profile.py [--threads 2]     # ~2 min
+    python benchmarks/bench_eager_profile.py [--threads 2]     # under 2 min
 """
 import argparse
 import sys
