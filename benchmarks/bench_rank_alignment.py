@@ -8,6 +8,7 @@ random weights, median of 9 runs after 2 warm-ups, all variants of one layer tim
 Prints a Markdown table and writes benchmarks/results/rank_alignment.{json,md}.
 
     python benchmarks/bench_rank_alignment.py [--threads 2]   # ~30 s
+    python benchmarks/bench_rank_alignment.py --quick         # activations 1/8 the size, 1 s
 """
 import argparse
 import sys
@@ -42,17 +43,21 @@ def main(argv=None) -> int:
     parser.add_argument('--threads', type=int, default=None, help='default: all cores')
     parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' /
                                              'rank_alignment.json'))
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke test: activations scaled down 8x per side, 3 runs')
     args = parser.parse_args(argv)
+    shrink, repeats, warmup = (8, 3, 1) if args.quick else (1, 9, 2)
     torch.manual_seed(0)
     rows = []
     with torch_threads(args.threads) as threads, torch.no_grad():
         for name, n_in, n_out, kernel, h, w, ranks in LAYERS:
+            h, w = max(1, h // shrink), max(1, w // shrink)
             modules = [pair(n_in, k, n_out, kernel) for k in ranks]
             modules.append(nn.Conv2d(n_in, n_out, kernel, padding=kernel // 2))
             for module in modules:
                 module.eval().to(memory_format=torch.channels_last)
             x = torch.randn(1, n_in, h, w).contiguous(memory_format=torch.channels_last)
-            times = interleaved_median_ms([lambda m=m: m(x) for m in modules], 9, 2)
+            times = interleaved_median_ms([lambda m=m: m(x) for m in modules], repeats, warmup)
             rows.append(dict(layer=name, shape=f'{n_in}->{n_out}, {kernel}x{kernel}, {h}x{w}',
                              ranks=list(ranks), ms=times[:-1], unfactorized_ms=times[-1]))
         info = dict(machine_info(), threads=threads)
@@ -62,8 +67,9 @@ def main(argv=None) -> int:
         cells = ' | '.join(f'{k} | {ms:.2f}' for k, ms in zip(r['ranks'], r['ms']))
         lines.append(f'| {r["layer"]} | {r["shape"]} | {cells} | {r["unfactorized_ms"]:.2f} |')
     table = '\n'.join(lines) + (f'\n\n{info["cpu"]}, {info["threads"]} threads, torch '
-                                f'{info["torch"]}; channels_last, batch 1, median of 9 runs '
-                                'after 2 warm-ups, variants of a layer timed interleaved.\n')
+                                f'{info["torch"]}; channels_last, batch 1, median of {repeats} '
+                                f'runs after {warmup} warm-ups, variants of a layer timed '
+                                'interleaved.\n')
     print(table, end='')
     write_results(args.out, dict(benchmark='rank alignment', machine=info, rows=rows), table)
     return 0
