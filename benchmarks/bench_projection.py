@@ -159,25 +159,24 @@ def stage_breakdown(projector: LowRankProjector, weights: Dict[str, torch.Tensor
     them, the coefficients and the expansion), each timed on its own. Weights are untouched.
     """
     totals = dict.fromkeys(STAGES, 0.0)
+
+    def stage(name: str, run):
+        """Time ``run()`` into ``totals[name]``; returns its result."""
+        result = []
+        totals[name] += timed(lambda: result.append(run()), device)
+        return result[0]
+
     for target in projector.targets:
         matrix = conv_weight_as_matrix(weights[target.name])
         scale = bn_scale(target.norm).to(matrix) if target.rectify else None
         side = smaller_side(tuple(matrix.shape))
         start = bases[target.name].to(matrix)
-        out = {}
-
-        def stage(name, run):
-            totals[name] += timed(lambda: out.__setitem__(name, run()), device)
-
-        stage('gram', lambda: gram_matrix(matrix, side, matrix.dtype, scale))
-        gram = out['gram']
-        stage('gram_times_basis', lambda: gram @ start)
-        stage('qr', lambda: torch.linalg.qr(out['gram_times_basis'])[0])
-        q = out['qr']
+        gram = stage('gram', lambda: gram_matrix(matrix, side, matrix.dtype, scale))
+        z = stage('gram_times_basis', lambda: gram @ start)
+        q = stage('qr', lambda: torch.linalg.qr(z)[0])
         stage('gram_times_basis', lambda: gram @ q)
-        stage('coefficients', lambda: basis_coefficients(matrix, q, side, scale)[0])
-        stage('expansion', lambda: expand_coefficients(q, out['coefficients'], side))
-        del out, gram
+        b = stage('coefficients', lambda: basis_coefficients(matrix, q, side, scale)[0])
+        stage('expansion', lambda: expand_coefficients(q, b, side))
     return totals
 
 

@@ -1,9 +1,11 @@
 """Plain helpers shared by the tests (import with ``from helpers import ...``)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +46,12 @@ def load_toy_config(name: str, voc_root: Union[str, os.PathLike],
     if cfg.get('visualizer') is not None:
         cfg.visualizer.pop('name', None)  # the Runner then names it after experiment_name
     return cfg
+
+
+def load_repo_script(relative_path: str, module_name: str) -> ModuleType:
+    """Import a script of the repository (e.g. ``'benchmarks/bench_projection.py'``, which is
+    not in a package) as module ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

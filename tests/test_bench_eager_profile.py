@@ -1,20 +1,18 @@
 """benchmarks/bench_eager_profile.py end to end on a small input (run in a child process: the
 script sets glibc's allocator for its whole process). No timing is asserted (speed lives in
 benchmarks/): the rows are complete and consistent, and the profile finds the convolutions."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import load_repo_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_eager_profile.py'
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location('bench_eager_profile', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script(f'benchmarks/{SCRIPT.name}', 'bench_eager_profile')
 
 
 def test_op_names_fall_in_their_categories():

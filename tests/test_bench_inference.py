@@ -1,13 +1,10 @@
 """benchmarks/bench_inference.py's bookkeeping (no timing here: speed lives in benchmarks/):
 P3 is judged against the planned FLOPs ratio, the table shows it, bad arguments are refused."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from lrpet_mm.benchmarking.inference import default_settings, make_rows, markdown
+from helpers import load_repo_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_inference.py'
 FLOPS = {'original': 200, 'factorized': 100, 'latency-merged': 125}
 LOW_RANK = {'original': 0, 'factorized': 53, 'latency-merged': 50}
 
@@ -52,9 +49,7 @@ def test_markdown_table_marks_p3_only_on_backbone_rows():
 
 
 def test_bad_benchmark_arguments_are_refused(capsys):
-    spec = importlib.util.spec_from_file_location('bench_inference', SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_repo_script('benchmarks/bench_inference.py', 'bench_inference')
     assert script.main(['--inputs', '512x0']) == 2
     assert "--inputs takes sizes like 512x512, got '512x0'" in capsys.readouterr().err
     assert script.main(['--threads', '0']) == 2

@@ -1,18 +1,16 @@
 """benchmarks/bench_projection.py end to end on ResNet-18 (no timing asserted here: speed
 lives in benchmarks/): the engine's projections meet the accuracy bound against float64
 singular values, the warm pass is warm, memory is measured in the child process."""
-import importlib.util
 import json
 from pathlib import Path
+
+from helpers import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_projection.py'
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location('bench_projection', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script(f'benchmarks/{SCRIPT.name}', 'bench_projection')
 
 
 def test_quick_run_reports_accurate_warm_projections_and_measured_memory(tmp_path):

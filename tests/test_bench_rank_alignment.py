@@ -1,17 +1,15 @@
 """benchmarks/bench_rank_alignment.py --quick end to end (no timing asserted: speed lives in
 benchmarks/): every layer gets its unaligned rank first, then multiples of 8, all timed."""
-import importlib.util
 import json
 from pathlib import Path
+
+from helpers import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_rank_alignment.py'
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location('bench_rank_alignment', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script(f'benchmarks/{SCRIPT.name}', 'bench_rank_alignment')
 
 
 def test_quick_run_times_every_rank_variant_of_every_layer(tmp_path):

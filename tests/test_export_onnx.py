@@ -13,7 +13,7 @@ from mmengine.config import Config
 from torch import nn
 
 import lrpet_mm  # noqa: F401
-from helpers import CONFIG_DIR, DET_TOY, SEG_TOY
+from helpers import CONFIG_DIR, DET_TOY, SEG_TOY, load_repo_script
 from lrpet_mm.deploy import (OnnxMismatchError, StaticAdaptiveAvgPool2d, export_onnx,
                              export_wrapper, fold_batchnorms, latency_aware_merge, low_rank_layers,
                              max_normalized_error, merge_low_rank, ort_session)
@@ -270,10 +270,7 @@ def test_failed_check_raises_and_writes_nothing(det, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(det, tmp_path, capsys):
-    from importlib import util
-    spec = util.spec_from_file_location('export_onnx_tool', EXPORT)
-    tool = util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_repo_script('tools/export_onnx.py', 'export_onnx_tool')
     config = CONFIG_DIR / f'{SEG_TOY}.py'
     ckpt = tmp_path / 'seg.pth'
     torch.save(dict(state_dict={}), ckpt)

@@ -2,7 +2,6 @@
 against independent counts and test runs; clear errors and no partial output."""
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import os
@@ -22,11 +21,9 @@ from lrpet_mm.analysis import count_flops, count_params, rank_plan_from_checkpoi
 from lrpet_mm.analysis.report import (build_rows, default_input_shape, markdown_table,
                                       measure_complexity)
 from lrpet_mm.models import build_model_from_config, load_config
-from helpers import CONFIG_DIR, REPO_ROOT, load_toy_config
+from helpers import CONFIG_DIR, load_repo_script, load_toy_config
 
-_spec = importlib.util.spec_from_file_location('report_cli', REPO_ROOT / 'tools' / 'report.py')
-report_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report_cli)
+report_cli = load_repo_script('tools/report.py', 'report_cli')
 
 SHAPE = (3, 64, 64)
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
