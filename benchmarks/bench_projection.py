@@ -23,6 +23,9 @@ reset before the pass) of a child process that replays the same scenarios with g
 threshold pinned (so freed tensors leave the resident set). Timings are taken in this
 process with the default allocator (pinning the threshold makes every large tensor a fresh
 mmap, which slows the many-small-allocations engine more than the SVD baseline).
+Warm scenarios are also timed with ``--layer-workers`` layers projected at once (both
+methods, CPU threads split between them): how much cross-layer parallelism — what batching
+same-shape layers would exploit — gains for each side.
 Prints a Markdown table and writes JSON (and .md) atomically.
 
     python benchmarks/bench_projection.py                 # ResNet-50, the paper's setting
@@ -38,6 +41,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
@@ -180,13 +184,33 @@ def stage_breakdown(projector: LowRankProjector, weights: Dict[str, torch.Tensor
     return totals
 
 
+def project_across_layers(projector: LowRankProjector, workers: int) -> Dict[str, str]:
+    """One projection pass with ``workers`` layers in flight at once (Python threads, torch's
+    CPU threads split between them, largest layers first); returns ``{layer: method}``.
+
+    Bench-only: it measures what cross-layer parallelism — what batching same-shape layers
+    would exploit — gains for the engine and for the SVD baseline alike. torch's thread count
+    is restored afterwards."""
+    threads = torch.get_num_threads()
+    order = sorted(projector.targets, key=lambda t: -t.conv.weight.numel())
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(projector.project_layer, order))
+    finally:
+        torch.set_num_threads(threads)
+    return {t.name: projector.last_methods[t.name] for t in order}
+
+
 def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector,
                  repeats: int, device: torch.device, largest_bytes: int,
-                 memory_only: bool = False) -> dict:
+                 memory_only: bool = False, layer_workers: int = 0) -> dict:
     """Time (or, with ``memory_only``, measure the peak memory of) both methods on the
     engine's current weights and bases; leaves weights and bases as after one engine pass.
     Warm scenarios (every layer has a basis) also get the engine's :func:`stage_breakdown`
-    (median over ``repeats`` per stage) in ``stages_ms``."""
+    (median over ``repeats`` per stage) in ``stages_ms`` and, with ``layer_workers`` >= 2
+    (CPU), both methods timed again with that many layers in flight
+    (:func:`project_across_layers`)."""
     weights = conv_weights(engine)
     bases = dict(engine.bases)
     if memory_only:
@@ -220,10 +244,26 @@ def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector
             stats = engine.project()
         engine_times.append(timed(project, device))
         methods = Counter(stats.methods.values())
-    stages = None
+    stages = concurrent = None
     if all(t.name in bases for t in engine.targets):
         runs = [stage_breakdown(engine, weights, bases, device) for _ in range(repeats)]
         stages = {stage: 1e3 * statistics.median(r[stage] for r in runs) for stage in STAGES}
+        if layer_workers >= 2 and device.type == 'cpu':
+            svd_par, engine_par, par_methods = [], [], Counter()
+            for _ in range(repeats):
+                load_weights(baseline, weights)
+                svd_par.append(timed(lambda: project_across_layers(baseline, layer_workers),
+                                     device))
+                load_weights(engine, weights)
+                engine.bases = dict(bases)
+                engine_par.append(timed(
+                    lambda: par_methods.update(project_across_layers(engine, layer_workers)
+                                               .values()), device))
+            svd_par_ms = 1e3 * statistics.median(svd_par)
+            engine_par_ms = 1e3 * statistics.median(engine_par)
+            concurrent = dict(workers=layer_workers, svd_ms=svd_par_ms,
+                              engine_ms=engine_par_ms, speedup=svd_par_ms / engine_par_ms,
+                              methods={k: v // repeats for k, v in par_methods.items()})
     result_bases = dict(engine.bases)
     acc = accuracy(engine, weights, bases)
     engine.bases = result_bases
@@ -236,6 +276,11 @@ def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector
         floor_ms = sum(stages[stage] for stage in UNAVOIDABLE_STAGES)
         breakdown = dict(stages_ms=stages, rest_ms=engine_ms - sum(stages.values()),
                          floor_ms=floor_ms, speedup_cap=svd_ms / floor_ms)
+        if concurrent is not None:
+            concurrent.update(engine_gain=engine_ms / concurrent['engine_ms'],
+                              svd_gain=svd_ms / concurrent['svd_ms'],
+                              speedup_vs_sequential_svd=svd_ms / concurrent['engine_ms'])
+            breakdown['across_layers'] = concurrent
     return dict(scenario=name, layers=len(engine.targets), svd_ms=svd_ms, engine_ms=engine_ms,
                 speedup=svd_ms / engine_ms, methods=dict(methods), **acc, **breakdown,
                 svd_times_ms=[1e3 * t for t in svd_times],
@@ -296,6 +341,21 @@ def markdown(rows: List[dict], settings: dict) -> str:
                   'matrix and writes the dense projected weight, at this machine\'s speed for '
                   'those three products (the SVD baseline takes its coefficients S_k·V_kᵀ from '
                   'the SVD and forms only the expansion).']
+    across = [r for r in warm if 'across_layers' in r]
+    if across:
+        workers = across[0]['across_layers']['workers']
+        lines += ['', f'**Cross-layer parallelism** ({workers} layers in flight, the CPU '
+                  f'threads split between them, largest layers first; median of the runs):', '',
+                  '| scenario | full SVD ms (sequential → parallel) | engine ms (sequential → '
+                  'parallel) | SVD gain | engine gain | speedup, both parallel | parallel '
+                  'engine vs sequential SVD |',
+                  '|---|---:|---:|---:|---:|---:|---:|']
+        for r in across:
+            a = r['across_layers']
+            lines.append(f"| {r['scenario']} | {r['svd_ms']:.1f} → {a['svd_ms']:.1f} | "
+                         f"{r['engine_ms']:.1f} → {a['engine_ms']:.1f} | {a['svd_gain']:.2f}× | "
+                         f"{a['engine_gain']:.2f}× | {a['speedup']:.1f}× | "
+                         f"{a['speedup_vs_sequential_svd']:.1f}× |")
     return '\n'.join(lines) + '\n'
 
 
@@ -313,6 +373,9 @@ def main(argv=None) -> int:
     parser.add_argument('--out', default=str(RESULTS / 'projection.json'))
     parser.add_argument('--quick', action='store_true',
                         help='ResNet-18, 224x224 planning input, one drift, 1 repeat')
+    parser.add_argument('--layer-workers', type=int, default=2,
+                        help='warm scenarios on CPU are also timed with this many layers in '
+                             'flight at once (both methods; 0 or 1: not measured)')
     parser.add_argument('--memory-only', action='store_true',
                         help='only measure peak memory (run by the benchmark itself in a child '
                              'process)')
@@ -323,6 +386,8 @@ def main(argv=None) -> int:
         parser.error(f'--flops-reduction must be in (0, 1), got {args.flops_reduction}')
     if args.repeats < 1:
         parser.error(f'--repeats must be >= 1, got {args.repeats}')
+    if args.layer_workers < 0:
+        parser.error(f'--layer-workers must be >= 0, got {args.layer_workers}')
     torch.set_num_threads(args.threads or os.cpu_count())
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -342,7 +407,7 @@ def main(argv=None) -> int:
     settings = dict(depth=args.depth, layers=len(plan), flops_reduction=args.flops_reduction,
                     input_shape=list(args.input_shape), repeats=args.repeats,
                     drifts=list(args.drifts), seed=args.seed, machine=machine_info(device),
-                    largest_layer_mb=largest / 2 ** 20)
+                    largest_layer_mb=largest / 2 ** 20, layer_workers=args.layer_workers)
     scenarios = [('random init (cold, first projection)', None)] + [
         (f'after a projection + {100 * drift:g} % drift (warm)', drift) for drift in args.drifts]
     rows = []
@@ -350,7 +415,8 @@ def main(argv=None) -> int:
         if drift is not None:
             add_drift(engine, drift, args.seed + i)
         rows.append(run_scenario(name, engine, baseline, args.repeats, device, largest,
-                                 memory_only=args.memory_only))
+                                 memory_only=args.memory_only,
+                                 layer_workers=args.layer_workers))
         if not args.memory_only:
             print(f"{name}: {rows[-1]['svd_ms']:.1f} ms full SVD, {rows[-1]['engine_ms']:.1f} ms "
                   f"engine ({rows[-1]['speedup']:.1f}x)", flush=True)

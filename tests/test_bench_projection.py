@@ -4,6 +4,8 @@ singular values, the warm pass is warm, memory is measured in the child process.
 import json
 from pathlib import Path
 
+import torch
+
 from helpers import load_repo_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_projection.py'
@@ -16,6 +18,7 @@ def load_script():
 def test_quick_run_reports_accurate_warm_projections_and_measured_memory(tmp_path):
     out = tmp_path / 'projection.json'
     assert load_script().main(['--quick', '--threads', '2', '--out', str(out)]) == 0
+    assert torch.get_num_threads() == 2  # restored after the cross-layer runs
     data = json.loads(out.read_text())
     cold, warm = data['rows']
     assert cold['layers'] == warm['layers'] == data['settings']['layers'] > 0
@@ -40,3 +43,11 @@ def test_quick_run_reports_accurate_warm_projections_and_measured_memory(tmp_pat
     assert abs(warm['speedup_cap'] - warm['svd_ms'] / floor) < 1e-9
     assert abs(warm['rest_ms'] - (warm['engine_ms'] - sum(warm['stages_ms'].values()))) < 1e-9
     assert "Where the warm engine's time goes" in table
+    # both methods are timed again with 2 layers in flight; the engine stays warm there
+    across = warm['across_layers']
+    assert across['workers'] == 2 and across['methods'] == {'warm': warm['layers']}
+    assert across['svd_ms'] > 0 and across['engine_ms'] > 0
+    assert abs(across['speedup'] - across['svd_ms'] / across['engine_ms']) < 1e-9
+    assert abs(across['engine_gain'] - warm['engine_ms'] / across['engine_ms']) < 1e-9
+    assert abs(across['svd_gain'] - warm['svd_ms'] / across['svd_ms']) < 1e-9
+    assert '**Cross-layer parallelism**' in table and 'across_layers' not in cold
