@@ -184,9 +184,9 @@ def stage_breakdown(projector: LowRankProjector, weights: Dict[str, torch.Tensor
     return totals
 
 
-def project_across_layers(projector: LowRankProjector, workers: int) -> Dict[str, str]:
+def project_across_layers(projector: LowRankProjector, workers: int) -> None:
     """One projection pass with ``workers`` layers in flight at once (Python threads, torch's
-    CPU threads split between them, largest layers first); returns ``{layer: method}``.
+    CPU threads split between them, largest layers first).
 
     Bench-only: it measures what cross-layer parallelism — what batching same-shape layers
     would exploit — gains for the engine and for the SVD baseline alike. torch's thread count
@@ -199,7 +199,6 @@ def project_across_layers(projector: LowRankProjector, workers: int) -> Dict[str
             list(pool.map(projector.project_layer, order))
     finally:
         torch.set_num_threads(threads)
-    return {t.name: projector.last_methods[t.name] for t in order}
 
 
 def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector,
@@ -249,21 +248,21 @@ def run_scenario(name: str, engine: LowRankProjector, baseline: LowRankProjector
         runs = [stage_breakdown(engine, weights, bases, device) for _ in range(repeats)]
         stages = {stage: 1e3 * statistics.median(r[stage] for r in runs) for stage in STAGES}
         if layer_workers >= 2 and device.type == 'cpu':
-            svd_par, engine_par, par_methods = [], [], Counter()
+            svd_par, engine_par = [], []
             for _ in range(repeats):
                 load_weights(baseline, weights)
                 svd_par.append(timed(lambda: project_across_layers(baseline, layer_workers),
                                      device))
                 load_weights(engine, weights)
                 engine.bases = dict(bases)
-                engine_par.append(timed(
-                    lambda: par_methods.update(project_across_layers(engine, layer_workers)
-                                               .values()), device))
+                engine_par.append(timed(lambda: project_across_layers(engine, layer_workers),
+                                        device))
             svd_par_ms = 1e3 * statistics.median(svd_par)
             engine_par_ms = 1e3 * statistics.median(engine_par)
             concurrent = dict(workers=layer_workers, svd_ms=svd_par_ms,
                               engine_ms=engine_par_ms, speedup=svd_par_ms / engine_par_ms,
-                              methods={k: v // repeats for k, v in par_methods.items()})
+                              methods=dict(Counter(engine.last_methods[t.name]
+                                                   for t in engine.targets)))
     result_bases = dict(engine.bases)
     acc = accuracy(engine, weights, bases)
     engine.bases = result_bases
