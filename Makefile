@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lrpet_installed
 
-.PHONY: install test demo data clean-demo
+.PHONY: install test demo
 
 install: $(STAMP)
 
@@ -23,6 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -22,16 +22,18 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import lrpet_mm  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+from benchlib.common import machine_info, write_results
+from lrpet_mm.deploy import (
+    MEMORY_FORMATS,
+    check_memory_format,
+    fold_batchnorms,
+    interleaved_median_ms,
+    retain_freed_memory,
+    torch_threads,
+)
+from lrpet_mm.engine.flops import count_flops
 
-from lrpet_mm.analysis.flops import count_flops  # noqa: E402
-from lrpet_mm.deploy import (MEMORY_FORMATS, check_memory_format, fold_batchnorms,  # noqa: E402
-                             interleaved_median_ms, retain_freed_memory, torch_threads)
-from lrpet_mm.utils.benchmark_io import machine_info, write_results  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = REPO / 'configs' / 'lrpet' / 'faster-rcnn_r50_fpn_lrpet_1x_voc0712.py'
 #: Profiler categories of self CPU time, matched in this order on the op name.
@@ -61,7 +63,7 @@ def profile_ms(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
 
 def backbones(config: Path, plan_shape: Optional[Sequence[int]] = None) -> Dict[str, nn.Module]:
     """``{'original', 'factorized'}`` BN-folded R50 backbones (random weights, eval mode)."""
-    from lrpet_mm.benchmarking.inference import load_synthetic
+    from benchlib.inference import load_synthetic
     synthetic = load_synthetic(config, plan_shape)
     return {'original': fold_batchnorms(synthetic.original.backbone)[0],
             'factorized': fold_batchnorms(synthetic.compact.model.backbone)[0]}

@@ -13,7 +13,7 @@ interleaved; median of N runs after warm-up; freed memory retained by the alloca
     python benchmarks/bench_inference.py --quick       # backbone only, 3x224x224 (< 1 min);
                                                        # writes work_dirs/bench_inference/quick/
 
-The logic is in ``lrpet_mm.benchmarking.inference``. Exit status 2 on bad arguments.
+The logic is in ``benchlib.inference``. Exit status 2 on bad arguments.
 """
 import argparse
 import shlex
@@ -22,14 +22,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import lrpet_mm  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+from benchlib.inference import default_settings, markdown, run_benchmark
 
-from lrpet_mm.benchmarking.inference import (default_settings, markdown,  # noqa: E402
-                                             run_benchmark)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

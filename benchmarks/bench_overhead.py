@@ -35,9 +35,9 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
+from benchlib.common import machine_info, write_results
 from lrpet_mm.datasets import generate_synthetic_voc, set_data_root
 from lrpet_mm.engine import LRPETHook
-from lrpet_mm.utils.benchmark_io import machine_info, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'

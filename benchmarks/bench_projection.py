@@ -18,11 +18,12 @@ solved, the worst ‖W' − P̂(W')‖_F / sqrt(Σ_{i>k} σ_i²) − 1 over laye
 W' in float64; target <= 1e-4), the largest numerical rank excess over k, and the peak extra
 memory of one projection pass — in MB, and without the warm-start bases the pass stores
 (persistent projector state, ≈ 0.9× the largest layer for ResNet-50) relative to the largest
-layer's weight (target <= 2): on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the peak resident set (VmHWM,
-reset before the pass) of a child process that replays the same scenarios with glibc's mmap
-threshold pinned (so freed tensors leave the resident set). Timings are taken in this
-process with the default allocator (pinning the threshold makes every large tensor a fresh
-mmap, which slows the many-small-allocations engine more than the SVD baseline).
+layer's weight (target <= 2): on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from
+the peak resident set (VmHWM, reset before the pass) of a child process that replays the
+same scenarios with glibc's mmap threshold pinned (so freed tensors leave the resident set).
+Timings are taken in this process with the default allocator (pinning the threshold makes
+every large tensor a fresh mmap, which slows the many-small-allocations engine more than the SVD
+baseline).
 Warm scenarios are also timed with ``--layer-workers`` layers projected at once (both
 methods, CPU threads split between them): how much cross-layer parallelism — what batching
 same-shape layers would exploit — gains for each side.
@@ -34,11 +35,11 @@ Prints a Markdown table and writes JSON (and .md) atomically.
 import argparse
 import json
 import os
-import subprocess
-import tempfile
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +48,22 @@ from typing import Dict, List
 
 import torch
 
-from lrpet_mm.analysis.flops import plan_ranks_for_flops
-from lrpet_mm.lowrank import (LowRankProjector, bn_scale, conv_weight_as_matrix,
-                              numerical_rank, project_low_rank, select_targets)
-from lrpet_mm.lowrank.subspace import (basis_coefficients, expand_coefficients, gram_matrix,
-                                       smaller_side)
-from lrpet_mm.utils.benchmark_io import machine_info, write_results
+from benchlib.common import machine_info, write_results
+from lrpet_mm.engine.planning import plan_ranks_for_flops
+from lrpet_mm.lowrank import (
+    LowRankProjector,
+    bn_scale,
+    conv_weight_as_matrix,
+    numerical_rank,
+    project_low_rank,
+    select_targets,
+)
+from lrpet_mm.lowrank.subspace import (
+    basis_coefficients,
+    expand_coefficients,
+    gram_matrix,
+    smaller_side,
+)
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 

@@ -10,7 +10,7 @@ compact (factorized) model with the upstream VOC mAP / mIoU, and writes ``qualit
                                                   # on 2 CPU cores)
     python benchmarks/bench_quality.py --quick    # smoke test, tiny budgets (≤ 3 min)
 
-The logic is in ``lrpet_mm.benchmarking.quality``. Exit status 1 if any row failed (the other
+The logic is in ``benchlib.quality``. Exit status 1 if any row failed (the other
 rows' results are kept), 2 on bad arguments.
 """
 from __future__ import annotations
@@ -21,13 +21,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import lrpet_mm  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+from benchlib.quality import ROW_KEYS, default_settings, run_benchmark
 
-from lrpet_mm.benchmarking.quality import ROW_KEYS, default_settings, run_benchmark  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

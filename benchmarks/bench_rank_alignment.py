@@ -17,14 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import lrpet_mm  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+from benchlib.common import machine_info, write_results
+from lrpet_mm.deploy import interleaved_median_ms, torch_threads
 
-from lrpet_mm.deploy import interleaved_median_ms, torch_threads  # noqa: E402
-from lrpet_mm.utils.benchmark_io import machine_info, write_results  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # (layer, in channels, out channels, kernel, H, W, ranks: unaligned first)
 LAYERS = (('layer1.x.conv2', 64, 64, 3, 200, 334, (26, 24, 32)),

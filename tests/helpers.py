@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import Union
+from typing import Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / 'configs' / 'lrpet' / '_toy_'
@@ -55,3 +55,24 @@ def load_repo_script(relative_path: str, module_name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def lrpet_train_config(name: str, voc_root: Union[str, os.PathLike],
+                       work_dir: Union[str, os.PathLike], train_cfg: dict,
+                       hook: Optional[dict] = None,
+                       checkpoint_interval: Optional[int] = None):
+    """A toy config (:func:`load_toy_config`) for a short LRPET run: ``train_cfg`` as given,
+    one ``LRPETHook`` (default ``rank_ratio=0.5``, every epoch / every 2 iterations), and a
+    ``CheckpointHook`` every ``checkpoint_interval`` epochs / iterations (default: every epoch,
+    or once at ``max_iters``)."""
+    cfg = load_toy_config(name, voc_root, work_dir)
+    by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
+    cfg.train_cfg = dict(train_cfg)
+    cfg.custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
+    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=1 if by_epoch else 2)
+                        if hook is None else dict(hook, type='LRPETHook')]
+    if checkpoint_interval is None:
+        checkpoint_interval = 1 if by_epoch else train_cfg['max_iters']
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=by_epoch,
+                                        interval=checkpoint_interval)
+    return cfg

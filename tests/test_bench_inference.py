@@ -2,7 +2,7 @@
 P3 is judged against the planned FLOPs ratio, the table shows it, bad arguments are refused."""
 import pytest
 
-from lrpet_mm.benchmarking.inference import default_settings, make_rows, markdown
+from benchlib.inference import default_settings, make_rows, markdown
 from helpers import load_repo_script
 
 FLOPS = {'original': 200, 'factorized': 100, 'latency-merged': 125}

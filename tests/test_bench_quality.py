@@ -12,10 +12,16 @@ import torch
 from torch import nn
 
 import lrpet_mm  # noqa: F401  (registers LRPETFactorized)
-from lrpet_mm.benchmarking import quality as q
+from benchlib import quality as q
 from lrpet_mm.lowrank import LowRankConv2d, plan_ranks, select_targets
-from lrpet_mm.models import (LRPETFactorized, components_of, decompose_model, factorize_model,
-                             fold_factorized_norms, planned_layers)
+from lrpet_mm.models import (
+    LRPETFactorized,
+    components_of,
+    decompose_model,
+    factorize_model,
+    fold_factorized_norms,
+    planned_layers,
+)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -71,7 +77,7 @@ def fake_results() -> dict:
                 flops_before=1000, flops_after=500, reduction=0.5)
     return dict(command='python benchmarks/bench_quality.py', mode='full', complete=True,
                 wall_time_s=125.0, settings=settings.to_dict(),
-                machine=dict(cpu_model='Test CPU', cpus_available=2, torch='2.5.1',
+                machine=dict(cpu='Test CPU', usable_cores=2, torch='2.5.1',
                              torch_threads=2),
                 tasks=dict(det=dict(task='detection', model='Faster R-CNN R-18 FPN',
                                     metric='pascal_voc/mAP', metric_label='mAP@0.5',
@@ -338,7 +344,7 @@ def test_a_failing_row_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypa
     on_disk = json.loads((tmp_path / 'out' / 'quality.json').read_text())
     assert on_disk['tasks']['det']['rows']['lrp_bnr']['seeds']['1']['error'] == (
         'RuntimeError: synthetic failure')
-    assert on_disk['machine']['cpus_available'] >= 1 and on_disk['wall_time_s'] >= 0
+    assert on_disk['machine']['usable_cores'] >= 1 and on_disk['wall_time_s'] >= 0
     assert any('FAILED' in line for line in logs)
 
 

@@ -3,7 +3,7 @@
 ``python -m torch.distributed.run --nproc_per_node 2 <mmdet>/.mim/tools/train.py CONFIG
 --launcher pytorch`` trains the toy Faster R-CNN on the generated VOC data, once with the plain
 ``MMDistributedDataParallel`` and once with ``LRPETDDP``. What mmengine 0.10 + gloo + CPU needs
-(see README "Distributed training"):
+(see docs/distributed_and_resume.md):
 
 * ``env_cfg.dist_cfg.backend='gloo'``;
 * the process group initialized before the Runner, because mmengine's pytorch launcher calls

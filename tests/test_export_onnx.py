@@ -13,12 +13,21 @@ from mmengine.config import Config
 from torch import nn
 
 import lrpet_mm  # noqa: F401
+from benchlib.synthetic import synthetic_compact_model
 from helpers import CONFIG_DIR, DET_TOY, SEG_TOY, load_repo_script
-from lrpet_mm.deploy import (OnnxMismatchError, StaticAdaptiveAvgPool2d, export_onnx,
-                             export_wrapper, fold_batchnorms, latency_aware_merge, low_rank_layers,
-                             max_normalized_error, merge_low_rank, ort_session)
+from lrpet_mm.deploy import (
+    OnnxMismatchError,
+    StaticAdaptiveAvgPool2d,
+    export_onnx,
+    export_wrapper,
+    fold_batchnorms,
+    latency_aware_merge,
+    low_rank_layers,
+    max_normalized_error,
+    merge_low_rank,
+    ort_session,
+)
 from lrpet_mm.deploy import latency as latency_module
-from lrpet_mm.deploy.synthetic import synthetic_compact_model
 from lrpet_mm.lowrank import LowRankConv2d, factorize_conv
 from lrpet_mm.models import compact_config
 

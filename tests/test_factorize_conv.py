@@ -3,8 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_mm.lowrank import (LowRankConv2d, LowRankProjector, factorize_conv, plan_ranks,
-                              relative_rank_k_error, select_targets)
+from lrpet_mm.lowrank import (
+    LowRankConv2d,
+    LowRankProjector,
+    factorize_conv,
+    plan_ranks,
+    relative_rank_k_error,
+    select_targets,
+)
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 

@@ -9,8 +9,8 @@ from mmengine.structures import InstanceData
 
 import lrpet_mm  # noqa: F401
 from lrpet_mm.lowrank import LowRankConv2d, LowRankProjector, plan_ranks, select_targets
-from lrpet_mm.models import (NotLowRankError, apply_factorized_structure, factorize_model,
-                             measure_rank_errors)
+from lrpet_mm.lowrank.factorize import apply_factorized_structure
+from lrpet_mm.models import NotLowRankError, factorize_model, measure_rank_errors
 
 
 def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
@@ -27,7 +27,8 @@ def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def project(model: torch.nn.Module, ratio: float):
-    selection = select_targets(model)
+    # frozen stages projected too: the factorization must reproduce every kind of layer
+    selection = select_targets(model, frozen='project')
     plan = plan_ranks(selection.shapes(), ratio)
     LowRankProjector(selection.targets, plan).project()
     return plan

@@ -10,9 +10,9 @@ import torch
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
+from helpers import CONFIG_DIR, lrpet_train_config
 from lrpet_mm.models import factorize_checkpoint
 from lrpet_mm.utils import upstream_tool
-from helpers import CONFIG_DIR, load_toy_config
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORIZE = REPO / 'tools' / 'factorize.py'
@@ -20,13 +20,8 @@ FACTORIZE = REPO / 'tools' / 'factorize.py'
 
 def train_toy(name: str, voc_root: Path, work_dir: Path, **train_cfg) -> Path:
     """Train a toy config with LRPETHook; return (config file dumped, final checkpoint)."""
-    cfg = load_toy_config(name, voc_root, work_dir)
-    cfg.train_cfg = train_cfg
+    cfg = lrpet_train_config(name, voc_root, work_dir, train_cfg)
     by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
-    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=1 if by_epoch else 2)]
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=by_epoch,
-                                        interval=1 if by_epoch else train_cfg['max_iters'])
-    cfg.custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
     runner = Runner.from_cfg(cfg)
     runner.train()
     config_path = work_dir / f'{name}.py'
@@ -71,7 +66,7 @@ def metric(log: str, key: str) -> float:
 def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
         request, tmp_path, run_fixture, package, key, n_convs):
     config, ckpt = request.getfixturevalue(run_fixture)
-    out = run([FACTORIZE, config, ckpt, '--out-dir', tmp_path / 'compact'])
+    out = run([FACTORIZE, config, ckpt, '--work-dir', tmp_path / 'compact'])
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(rf'factorized {n_convs} convs \(max relative rank-k error '
                      r'\d\.\d+e-0[5-9]\)', out.stdout)
@@ -101,13 +96,13 @@ def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_run, tmp_p
     noisy = tmp_path / 'noisy.pth'
     torch.save(checkpoint, noisy)
     out_dir = tmp_path / 'out'
-    out = run([FACTORIZE, config, noisy, '--out-dir', out_dir])
+    out = run([FACTORIZE, config, noisy, '--work-dir', out_dir])
     assert out.returncode == 2
     assert re.search(r'refused: 2 of 22 layers are not low-rank', out.stderr)
     assert re.search(r'backbone.layer3.0.conv1: rank \d+, relative error \d\.\d+e-0\d',
                      out.stderr) and 'backbone.layer4.1.conv2' in out.stderr
     assert list(out_dir.iterdir()) == []
-    forced = run([FACTORIZE, config, noisy, '--out-dir', out_dir, '--force'])
+    forced = run([FACTORIZE, config, noisy, '--work-dir', out_dir, '--force'])
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert len(list(out_dir.iterdir())) == 2
 
@@ -118,9 +113,9 @@ def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_run, tmp_path):
     del checkpoint['meta']['lrpet']
     plain = tmp_path / 'plain.pth'
     torch.save(checkpoint, plain)
-    out = run([FACTORIZE, config, plain, '--out-dir', tmp_path / 'o'])
+    out = run([FACTORIZE, config, plain, '--work-dir', tmp_path / 'o'])
     assert out.returncode == 2 and 'has no LRPET rank plan in its meta' in out.stderr
-    out = run([FACTORIZE, config, plain, '--out-dir', tmp_path / 'o', '--rank-ratio', '0.5'])
+    out = run([FACTORIZE, config, plain, '--work-dir', tmp_path / 'o', '--rank-ratio', '0.5'])
     assert out.returncode == 0, out.stderr[-2000:]  # same ranks as the hook's plan: low-rank
 
 
@@ -132,15 +127,15 @@ def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
     cases = [
-        ([tmp_path / 'missing.py', ckpt, '--out-dir', out_dir], r"config '.*missing.py' does "
+        ([tmp_path / 'missing.py', ckpt, '--work-dir', out_dir], r"config '.*missing.py' does "
                                                                  r'not exist'),
-        ([config, tmp_path / 'missing.pth', '--out-dir', out_dir], r"checkpoint '.*missing.pth' "
+        ([config, tmp_path / 'missing.pth', '--work-dir', out_dir], r"checkpoint '.*missing.pth' "
                                                                     r'does not exist'),
-        ([config, truncated, '--out-dir', out_dir], r"checkpoint '.*truncated.pth' could not be "
+        ([config, truncated, '--work-dir', out_dir], r"checkpoint '.*truncated.pth' could not be "
                                                      r'read .*truncated'),
-        ([config, ckpt, '--out-dir', a_file / 'sub'], r"cannot create output directory "
+        ([config, ckpt, '--work-dir', a_file / 'sub'], r"cannot create output directory "
                                                        r"'.*a_file/sub'"),
-        ([det_run[0], ckpt, '--out-dir', out_dir], r"checkpoint '.*' does not match the "
+        ([det_run[0], ckpt, '--work-dir', out_dir], r"checkpoint '.*' does not match the "
                                                     r"config's model: missing keys"),
     ]
     for args, message in cases:

@@ -2,6 +2,7 @@
 leave the last good checkpoint loadable, and resume works from it."""
 from pathlib import Path
 
+import mmengine.runner.runner as mmengine_runner_module
 import pytest
 import torch
 from mmengine.hooks import Hook
@@ -9,20 +10,17 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
-import mmengine.runner.runner as mmengine_runner_module
+from helpers import lrpet_train_config
 from lrpet_mm.engine import LRPETHook
 from lrpet_mm.lowrank import ProjectionError
-from helpers import load_toy_config
 
 SEG = 'pspnet_r18-d8_toy_voc12aug'
 
 
 def seg_config(voc_root, work_dir, max_iters=4):
-    cfg = load_toy_config(SEG, voc_root, work_dir)
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=100)
-    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=2)]
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=2)
-    return cfg
+    return lrpet_train_config(SEG, voc_root, work_dir,
+                              dict(type='IterBasedTrainLoop', max_iters=max_iters,
+                                   val_interval=100), checkpoint_interval=2)
 
 
 @HOOKS.register_module(force=True)

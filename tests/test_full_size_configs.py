@@ -44,7 +44,7 @@ def test_paper_config_plans_budget_and_trains_one_iteration(voc_root, tmp_path, 
     cfg = full_size_config(name, voc_root, tmp_path)
     hooks = [h for h in cfg.custom_hooks if h['type'] == 'LRPETHook']
     assert hooks == [dict(type='LRPETHook', flops_reduction=reduction,
-                          interval=hooks[0]['interval'], rank_multiple=8)]
+                          interval=hooks[0]['interval'], rank_multiple=8, frozen='skip')]
     if cfg.train_cfg.type == 'EpochBasedTrainLoop':
         cfg.train_cfg.max_epochs = 1
         cfg.train_dataloader.dataset.times = 1  # RepeatDataset(ConcatDataset(07, 12))
@@ -59,6 +59,11 @@ def test_paper_config_plans_budget_and_trains_one_iteration(voc_root, tmp_path, 
     target = (1 - reduction) * info['flops_before']
     assert abs(info['flops_after'] - target) <= 0.01 * target
     assert hook.num_projections == 1  # the final projection after the only iteration
-    assert len(hook.plan) >= 50
+    if 'faster' in name:  # frozen_stages=1 upstream: stem and layer1 left alone
+        frozen = [n for n in hook.plan.skipped if hook.plan.skipped[n].startswith('frozen')]
+        assert len(frozen) == 11 and 'backbone.layer1.0.downsample.0' in frozen
+        assert not any(n.startswith(('backbone.conv1', 'backbone.layer1.'))
+                       for n in hook.plan.layers)
+    assert len(hook.plan) >= (40 if 'faster' in name else 50)
     ranks = [layer.rank for layer in hook.plan.layers.values()]
     assert all(k % 8 == 0 for k in ranks), ranks

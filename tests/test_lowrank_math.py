@@ -5,9 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_mm.lowrank import (LowRankProjector, ProjectionError, RankPlan, bn_scale,
-                              factorization_pays, numerical_rank, plan_ranks, project_low_rank,
-                              rank_for_ratio, select_targets, truncated_svd)
+from lrpet_mm.lowrank import (
+    LowRankProjector,
+    ProjectionError,
+    RankPlan,
+    bn_scale,
+    factorization_pays,
+    numerical_rank,
+    plan_ranks,
+    project_low_rank,
+    rank_for_ratio,
+    select_targets,
+    truncated_svd,
+)
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
@@ -18,7 +28,8 @@ def tail_energy_norm(matrix: torch.Tensor, k: int) -> float:
 
 
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('shape,k', [((64, 576), 32), ((256, 64), 10), ((7, 7), 1), ((30, 147), 29)])
+@pytest.mark.parametrize('shape,k', [((64, 576), 32), ((256, 64), 10), ((7, 7), 1),
+                                     ((30, 147), 29)])
 def test_projection_error_equals_tail_singular_energy(device, shape, k):
     torch.manual_seed(0)
     w = torch.randn(*shape, device=device)
@@ -176,10 +187,12 @@ def randomized_conv_bn(seed=0) -> ConvBN:
     return model
 
 
-def make_projector(model, ratio=0.5, energy_transfer=True, bn_rectify=True):
+def make_projector(model, ratio=0.5, energy_transfer=True, bn_rectify=True,
+                   bn_recovery='in_span'):
     selection = select_targets(model, scope='', bn_rectify=bn_rectify, unpaired='project')
     plan = plan_ranks(selection.shapes(), ratio)
-    return LowRankProjector(selection.targets, plan, energy_transfer), plan
+    return LowRankProjector(selection.targets, plan, energy_transfer,
+                            bn_recovery=bn_recovery), plan
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -188,7 +201,7 @@ def test_bn_rectification_matches_paper_eq16_and_makes_folded_weight_low_rank(de
     model = randomized_conv_bn().to(device=device, dtype=torch.float64)
     conv, bn = model.body[0], model.body[1]
     original = conv.weight.detach().clone()
-    projector, plan = make_projector(model)
+    projector, plan = make_projector(model, bn_recovery='eq16')
     k = plan.rank_of('body.0')
     projector.project()
 
@@ -206,6 +219,29 @@ def test_bn_rectification_matches_paper_eq16_and_makes_folded_weight_low_rank(de
     assert not torch.allclose(conv.weight.reshape(16, -1), raw_k, atol=1e-3)
     # the second conv has no BN after it: projected without BNR ('project' policy)
     assert not projector.targets[1].rectify
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_bn_rectification_in_span_makes_folded_weight_its_projection(device):
+    # the default recovery: ΓW_new = P̃_k(ΓW) exactly, i.e. W_new = Γ⁻¹ W'_k (paper eq. 15)
+    model = randomized_conv_bn().to(device=device, dtype=torch.float64)
+    conv, bn = model.body[0], model.body[1]
+    original = conv.weight.detach().clone()
+    projector, plan = make_projector(model)
+    assert projector.bn_recovery == 'in_span'
+    k = plan.rank_of('body.0')
+    projector.project()
+
+    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    folded = a[:, None] * original.reshape(16, -1)
+    folded_k = project_low_rank(folded, k, energy_transfer=True, method='svd').matrix
+    new_folded = bn_scale(bn)[:, None] * conv.weight.detach().reshape(16, -1)
+    assert torch.allclose(new_folded, folded_k, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(conv.weight.reshape(16, -1), folded_k / a[:, None], rtol=1e-9,
+                          atol=1e-12)
+    assert numerical_rank(new_folded) <= k
+    assert numerical_rank(conv.weight.detach().reshape(16, -1)) <= k
+    assert float(new_folded.norm()) == pytest.approx(float(folded.norm()), rel=1e-12)
 
 
 def test_projection_keeps_parameter_identity_and_optimizer_state_valid():

@@ -1,5 +1,4 @@
 """LRPETHook on the real mmdet / mmseg runners, trained on the generated VOC-layout data."""
-import copy
 from typing import Dict, List
 
 import pytest
@@ -9,9 +8,9 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401  (registers LRPETHook)
+from helpers import load_toy_config
 from lrpet_mm.engine import LRPETHook
 from lrpet_mm.lowrank import LowRankProjector, ProjectionError, bn_scale, numerical_rank
-from helpers import load_toy_config
 
 DET_CONFIG = 'faster-rcnn_r18_fpn_toy_voc'
 SEG_CONFIG = 'pspnet_r18-d8_toy_voc12aug'
@@ -40,6 +39,11 @@ class ValWeightsProbe(Hook):
         self.records: List[dict] = []
         self.bases_before_val: Dict[str, torch.Tensor] = {}
 
+    def before_train(self, runner):
+        # after the Runner initialized the weights (Runner.train does it, not the constructor)
+        self.weights_at_start = {k: v.detach().clone()
+                                 for k, v in runner.model.state_dict().items()}
+
     def _snapshot_bases(self, runner):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
         self.bases_before_val = {k: v.clone() for k, v in hook.projector.bases.items()}
@@ -58,6 +62,8 @@ class ValWeightsProbe(Hook):
 
     def after_val_epoch(self, runner, metrics=None):
         self.records[-1]['metrics'] = dict(metrics or {})
+
+    def after_val(self, runner):
         hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
         self.records[-1]['weights_after_val'] = {
             name: w.detach().clone() for name, w in hook.projector.weights().items()}
@@ -92,15 +98,16 @@ def test_faster_rcnn_trains_with_lrpet_by_epoch(voc_root, tmp_path, projection_l
     recorder, log = projection_log
     cfg = load_toy_config(DET_CONFIG, voc_root, tmp_path)
     cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=2, val_interval=1)
-    cfg.model.backbone.frozen_stages = 1  # frozen stem + stage 1 stay in scope by default
+    cfg.model.backbone.frozen_stages = 1  # frozen stem + stage 1 are left alone by default
     cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5), dict(type='ValWeightsProbe')]
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
     runner = Runner.from_cfg(cfg)
     recorder.root = runner.model
-    untouched_before = {k: v.clone() for k, v in runner.model.state_dict().items()}
     runner.train()
 
     hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
+    untouched_before = next(h for h in runner.hooks
+                            if isinstance(h, ValWeightsProbe)).weights_at_start
     iters_per_epoch = len(runner.train_dataloader)
     assert hook.by_epoch is True
     assert hook.num_projections == 2
@@ -110,9 +117,14 @@ def test_faster_rcnn_trains_with_lrpet_by_epoch(voc_root, tmp_path, projection_l
     # projections touched only targeted conv weights
     for entry in log:
         assert entry['changed'] and entry['changed'] <= entry['targets']
-    # the whole ResNet-18 backbone is targeted, frozen stem/stage 1 included
-    assert len(hook.plan) == 20
-    assert 'backbone.conv1' in hook.plan and 'backbone.layer1.0.conv1' in hook.plan
+    # the ResNet-18 backbone is targeted except the frozen stem and stage 1 (5 convs)
+    assert len(hook.plan) == 15
+    frozen = ['backbone.conv1'] + [f'backbone.layer1.{b}.conv{c}' for b in (0, 1) for c in (1, 2)]
+    for name in frozen:
+        assert name not in hook.plan and hook.plan.skipped[name].startswith('frozen'), name
+        # ... and untouched: neither projected nor trained
+        assert torch.equal(untouched_before[f'{name}.weight'],
+                           runner.model.state_dict()[f'{name}.weight']), name
     assert runner.model.backbone.conv1.weight.requires_grad is False  # frozen_stages=1
     assert_low_rank(hook)
     # ... while untargeted parameters were trained (the neck is not frozen)
@@ -126,14 +138,16 @@ def test_faster_rcnn_trains_with_lrpet_by_epoch(voc_root, tmp_path, projection_l
     assert all('pascal_voc/mAP' in r['metrics'] for r in probe.records)
 
     hub = runner.message_hub
-    assert hub.get_scalar('train/lrpet_layers').current() == 20
+    assert hub.get_scalar('train/lrpet_layers').current() == 15
     assert 0.0 < hub.get_scalar('train/lrpet_energy_kept').current() <= 1.0
 
     ckpt = torch.load(tmp_path / 'epoch_2.pth', map_location='cpu', weights_only=False)
     state = ckpt['meta']['lrpet']
     assert state['last_projected_step'] == 2 * iters_per_epoch
     assert state['num_projections'] == 2
-    assert len(state['plan']['layers']) == 20
+    assert len(state['plan']['layers']) == 15
+    assert state['weights'] == 'training'
+    assert state['settings']['frozen'] == 'skip' and state['settings']['bn_recovery'] == 'in_span'
     layer = next(d for d in state['plan']['layers'] if d['name'] == 'backbone.layer2.0.conv2')
     assert layer['rank'] == 64  # 3x3 128->128: min(128, 1152) = 128, half kept
     saved = ckpt['state_dict']['backbone.layer2.0.conv2.weight'].reshape(128, -1).double()
@@ -177,8 +191,8 @@ def test_pspnet_trains_with_lrpet_by_iteration_and_validates_projected_weights(
 
 def test_hook_is_found_under_mmdet_and_mmseg_default_scopes():
     from mmdet.registry import HOOKS as MMDET_HOOKS
-    from mmseg.registry import HOOKS as MMSEG_HOOKS
     from mmengine.registry import DefaultScope
+    from mmseg.registry import HOOKS as MMSEG_HOOKS
     for scope, registry in (('mmdet', MMDET_HOOKS), ('mmseg', MMSEG_HOOKS)):
         with DefaultScope.overwrite_default_scope(scope):
             hook = registry.build(dict(type='LRPETHook', rank_ratio=0.25))
@@ -197,6 +211,13 @@ def test_hook_is_found_under_mmdet_and_mmseg_default_scopes():
     (dict(flops_reduction=0.0), r'flops_reduction must be a number in \(0, 1\), got 0.0'),
     (dict(flops_reduction=0.5, flops_input_shape=(3, 512)), r'flops_input_shape must be '),
     (dict(flops_reduction=0.5, rank_multiple=0), r'rank_multiple must be an int >= 1, got 0'),
+    (dict(rank_ratio=0.5, frozen='train'), r"frozen must be one of \('skip', 'project'\), got "
+                                           r"'train'"),
+    (dict(rank_ratio=0.5, bn_recovery='eq15'), r"bn_recovery must be one of .*got 'eq15'"),
+    (dict(flops_reduction=0.5, rank_allocation='greedy'), r"rank_allocation must be one of "
+                                                          r"\('uniform', 'energy'\), got 'greedy'"),
+    (dict(rank_ratio=0.5, rank_allocation='energy'), r"rank_allocation='energy' needs "
+                                                     r'flops_reduction'),
 ])
 def test_bad_hook_arguments_are_rejected_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -205,7 +226,8 @@ def test_bad_hook_arguments_are_rejected_with_the_value(kwargs, message):
 
 def test_unknown_hook_argument_lists_accepted_arguments():
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['rank'\]; accepted arguments: "
-                                        r"\['rank_ratio', 'flops_reduction', 'flops_input_shape', 'interval'"):
+                                        r"\['rank_ratio', 'flops_reduction', 'flops_input_shape', "
+                                        r"'rank_allocation', 'interval'"):
         LRPETHook(rank=3)
 
 
@@ -248,3 +270,52 @@ def test_nan_weight_at_projection_time_names_layer_and_iteration(voc_root, tmp_p
     with pytest.raises(ProjectionError, match=r"layer 'backbone.layer3.0.conv1' has 1 non-finite "
                                               r'weight value\(s\) at iteration 2'):
         runner.train()
+
+
+def test_best_checkpoint_holds_the_validated_projected_weights_and_factorizes(voc_root,
+                                                                            tmp_path):
+    """Validation between two projections runs on projected weights; the best checkpoint saved
+    right after it must hold those (low-rank) weights, the regular one the training weights."""
+    from lrpet_mm.engine import check_checkpoint_ranks, load_checkpoint_file
+    from lrpet_mm.models import factorize_checkpoint
+
+    cfg = load_toy_config(SEG_CONFIG, voc_root, tmp_path)
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=12, val_interval=10)
+    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=7)]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=10,
+                                        save_best='mIoU', rule='greater')
+    config = tmp_path / 'seg.py'
+    cfg.dump(str(config))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+    best = load_checkpoint_file(tmp_path / 'best_mIoU_iter_10.pth')
+    regular = load_checkpoint_file(tmp_path / 'iter_10.pth')
+    assert best['meta']['lrpet']['weights'] == 'projected'
+    assert regular['meta']['lrpet']['weights'] == 'training'
+    plan = next(h for h in runner.hooks if isinstance(h, LRPETHook)).plan
+    assert all(c.numerical_rank <= c.planned_rank for c in check_checkpoint_ranks(best, plan))
+    assert any(c.numerical_rank > c.planned_rank for c in check_checkpoint_ranks(regular, plan))
+    # the best checkpoint factorizes like a final one
+    out = factorize_checkpoint(config, tmp_path / 'best_mIoU_iter_10.pth', tmp_path / 'compact')
+    assert len(out.compact.layers) == len(plan)
+
+
+def test_ema_hook_is_refused_with_a_clear_error(voc_root, tmp_path):
+    cfg = load_toy_config(SEG_CONFIG, voc_root, tmp_path)
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100)
+    cfg.custom_hooks = [dict(type='EMAHook'), dict(type='LRPETHook', rank_ratio=0.5)]
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match=r'LRPETHook cannot be combined with EMAHook: the '
+                                         r'averaged weights'):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_frozen_project_projects_frozen_stages(voc_root, tmp_path):
+    cfg = load_toy_config(DET_CONFIG, voc_root, tmp_path)
+    cfg.model.backbone.frozen_stages = 1
+    runner = Runner.from_cfg(cfg)
+    hook = LRPETHook(rank_ratio=0.5, frozen='project')
+    hook.build_plan(runner.model, cfg)
+    assert len(hook.plan) == 20 and 'backbone.conv1' in hook.plan

@@ -3,9 +3,22 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_mm.lowrank import (LowRankProjector, ProjectionError, numerical_rank, plan_ranks,
-                              project_low_rank, select_targets)
-from lrpet_mm.lowrank.subspace import ENERGY_RTOL, gram_matrix, refine_basis
+from lrpet_mm.lowrank import (
+    LowRankProjector,
+    ProjectionError,
+    numerical_rank,
+    plan_ranks,
+    project_low_rank,
+    select_targets,
+)
+from lrpet_mm.lowrank.subspace import (
+    COMPLEMENT_STEPS,
+    ENERGY_RTOL,
+    RitzBasis,
+    certified_top_basis,
+    gram_matrix,
+    refine_basis,
+)
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 SHAPES = [(24, 60, 10), (60, 24, 10), (32, 32, 20), (16, 144, 15)]  # (m, n, k)
@@ -316,3 +329,19 @@ def test_warm_start_without_energy_at_the_cut_goes_to_float64_directly():
     folded = w * a[:, None]
     assert achieved_error(folded, second.matrix) <= 1e-5 * float(folded.norm())
     assert numerical_rank(second.matrix, rtol=1e-5) <= 15
+
+
+def test_ritz_basis_claims_complement_steps_in_order_and_keeps_the_tightest_bound():
+    ritz = RitzBasis(torch.eye(4, 2), torch.eye(2), 0.0, 2.0, 1.0)
+    steps = []
+    while (step := ritz.next_complement_step()) is not None:
+        steps.append(step)
+    assert steps == list(range(COMPLEMENT_STEPS))
+    ritz.bound_complement(0.5)
+    ritz.bound_complement(0.75)  # looser: ignored
+    assert ritz.complement_max == 0.5
+    # An eigendecomposition's bound is final: no norm bound is tried after it.
+    gram = gram_matrix(spectrum_matrix(20, 50), 'left', torch.float64)
+    certified, _ = certified_top_basis(gram, 5)
+    assert certified.complement_max < float('inf')
+    assert certified.next_complement_step() is None

@@ -17,11 +17,12 @@ from mmengine.runner import Runner
 from torch import nn
 
 import lrpet_mm  # noqa: F401
-from lrpet_mm.analysis import count_flops, count_params, rank_plan_from_checkpoint
-from lrpet_mm.analysis.report import (build_rows, default_input_shape, markdown_table,
-                                      measure_complexity)
+from helpers import load_repo_script, load_toy_config
+from lrpet_mm.engine import count_flops, count_params, infer_input_shape, rank_plan_from_checkpoint
 from lrpet_mm.models import build_model_from_config, load_config
-from helpers import CONFIG_DIR, load_repo_script, load_toy_config
+from lrpet_mm.report.complexity import measure_complexity
+from lrpet_mm.report.markdown import build_rows, markdown_table
+from lrpet_mm.report.report import config_scope
 
 report_cli = load_repo_script('tools/report.py', 'report_cli')
 
@@ -58,7 +59,7 @@ def cli(*args) -> tuple:
 def make_run(name, voc_root, work, train_cfg, ckpt_name, *extra):
     config, ckpt = train_toy(name, voc_root, work, train_cfg, ckpt_name)
     out_dir = work / 'report'
-    code, stdout, stderr = cli(config, ckpt, '--out', out_dir, '--input-shape', *SHAPE, *extra)
+    code, stdout, stderr = cli(config, ckpt, '--work-dir', out_dir, '--input-shape', *SHAPE, *extra)
     assert code == 0, stderr[-3000:]
     return dict(config=config, checkpoint=ckpt, out=out_dir, stdout=stdout, stderr=stderr,
                 report=json.loads((out_dir / 'report.json').read_text()),
@@ -228,7 +229,7 @@ def test_seg_report_files_ranks_and_plot(seg_run):
 
 def test_seg_report_with_given_lowrank_files_without_eval(seg_run, tmp_path):
     out = tmp_path / 'again'
-    code, stdout, stderr = cli(seg_run['config'], seg_run['checkpoint'], '--out', out,
+    code, stdout, stderr = cli(seg_run['config'], seg_run['checkpoint'], '--work-dir', out,
                                '--lowrank-config', seg_run['lowrank_config'],
                                '--lowrank-checkpoint', seg_run['lowrank_checkpoint'],
                                '--input-shape', 3, 128, 64, '--no-eval')
@@ -247,13 +248,21 @@ def test_seg_report_with_given_lowrank_files_without_eval(seg_run, tmp_path):
         assert got['params'] == small[which]['backbone']['params']
 
 
-@pytest.mark.parametrize('name,shape', [('pspnet_r18-d8_toy_voc12aug', (3, 512, 512)),
-                                        ('faster-rcnn_r18_fpn_toy_voc', (3, 600, 1000))])
-def test_default_input_shape_by_default_scope(name, shape):
-    assert default_input_shape(Config.fromfile(str(CONFIG_DIR / f'{name}.py'))) == shape
-    cfg = Config(dict(default_scope='mmpretrain'))
+def test_report_counts_flops_at_the_input_shape_the_planner_uses(seg_run, tmp_path):
+    """Without --input-shape the report reads the shape from the config by the rule of the
+    hook's planner (one rule everywhere), not a per-task default."""
+    out = tmp_path / 'default_shape'
+    code, _, stderr = cli(seg_run['config'], seg_run['checkpoint'], '--work-dir', out,
+                          '--lowrank-config', seg_run['lowrank_config'],
+                          '--lowrank-checkpoint', seg_run['lowrank_checkpoint'], '--no-eval')
+    assert code == 0, stderr
+    expected = infer_input_shape(Config.fromfile(str(seg_run['config'])))
+    assert json.loads((out / 'report.json').read_text())['input_shape'] == list(expected)
+
+
+def test_report_refuses_a_config_of_another_codebase():
     with pytest.raises(ValueError, match=r"default_scope 'mmpretrain'; the report supports"):
-        default_input_shape(cfg)
+        config_scope(Config(dict(default_scope='mmpretrain')))
 
 
 class Untraceable(nn.Module):
@@ -315,7 +324,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_files(seg_run, tmp_path, case)
         bad = truncated_copy(seg_run['lowrank_checkpoint'], tmp_path / 'half_lowrank.pth')
         extra = ['--lowrank-config', seg_run['lowrank_config'], '--lowrank-checkpoint', bad]
         expected = [str(bad), 'truncated']
-    code, stdout, stderr = cli(config, ckpt, '--out', out, '--input-shape', *SHAPE, *extra)
+    code, stdout, stderr = cli(config, ckpt, '--work-dir', out, '--input-shape', *SHAPE, *extra)
     assert code == 2
     assert stdout == ''
     assert stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
@@ -326,7 +335,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_files(seg_run, tmp_path, case)
 
 def test_only_one_lowrank_argument_is_a_usage_error(seg_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        report_cli.main([str(seg_run['config']), str(seg_run['checkpoint']), '--out',
+        report_cli.main([str(seg_run['config']), str(seg_run['checkpoint']), '--work-dir',
                          str(tmp_path / 'o'), '--lowrank-config', str(seg_run['lowrank_config'])])
     assert exc.value.code == 2
     assert 'give both --lowrank-config and --lowrank-checkpoint' in capsys.readouterr().err
@@ -343,7 +352,7 @@ def test_failure_during_evaluation_removes_only_what_the_report_wrote(seg_run, t
     (out / 'eval').mkdir(parents=True)
     (out / 'mine.txt').write_text('kept')
     (out / 'eval' / 'old').mkdir()
-    code, stdout, stderr = cli(broken, seg_run['checkpoint'], '--out', out,
+    code, stdout, stderr = cli(broken, seg_run['checkpoint'], '--work-dir', out,
                                '--lowrank-config', seg_run['lowrank_config'],
                                '--lowrank-checkpoint', seg_run['lowrank_checkpoint'],
                                '--input-shape', *SHAPE, '--no-progress')

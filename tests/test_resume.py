@@ -6,16 +6,18 @@ from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
-from lrpet_mm.analysis.checkpoint_summary import BASES_KEY
+from helpers import lrpet_train_config
 from lrpet_mm.engine import LRPETHook
-from helpers import load_toy_config
+from lrpet_mm.engine.checkpoint_meta import BASES_KEY
 
 SEG = 'pspnet_r18-d8_toy_voc12aug'
 
 
 def deterministic_seg_config(voc_root, work_dir, max_iters: int):
     """Toy PSPNet without random ops: fixed resize, no crop/flip/photometric, no dropout."""
-    cfg = load_toy_config(SEG, voc_root, work_dir)
+    cfg = lrpet_train_config(SEG, voc_root, work_dir,
+                             dict(type='IterBasedTrainLoop', max_iters=max_iters,
+                                  val_interval=100), checkpoint_interval=3)
     pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
                 dict(type='Resize', scale=(128, 128), keep_ratio=False),
                 dict(type='PackSegInputs')]
@@ -23,10 +25,7 @@ def deterministic_seg_config(voc_root, work_dir, max_iters: int):
         dataset.pipeline = pipeline
     cfg.model.decode_head.dropout_ratio = 0.0
     cfg.model.auxiliary_head.dropout_ratio = 0.0
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=100)
     cfg.param_scheduler = []  # constant LR: the schedule length must not matter
-    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=2)]
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=3)
     cfg.randomness = dict(seed=0, deterministic=True)
     return cfg
 

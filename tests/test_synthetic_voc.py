@@ -11,8 +11,13 @@ import pytest
 from PIL import Image
 
 from helpers import DET_TOY, SEG_TOY, VOC_IMG_SIZE, VOC_NUM_TRAIN, VOC_NUM_VAL, load_toy_config
-from lrpet_mm.datasets import VOC_CLASSES, generate_synthetic_voc, read_stamp, voc_palette
-from lrpet_mm.datasets import synthetic_voc
+from lrpet_mm.datasets import (
+    VOC_CLASSES,
+    generate_synthetic_voc,
+    read_stamp,
+    synthetic_voc,
+    voc_palette,
+)
 
 SMALL = dict(num_train=2, num_val=1, img_size=(64, 48))
 

@@ -52,15 +52,49 @@ def test_mmdet_resnet50_every_conv_paired_with_its_own_bn():
     # every pair really is the BN module the block calls after that conv
     block = model.backbone.layer3[0]
     assert model.get_submodule(pairs['backbone.layer3.0.conv2']) is block.norm2
-    selection = select_targets(model)
+    selection = select_targets(model, frozen='project')
     assert [t.name for t in selection.targets] == list(expected)
     assert all(t.rectify and t.norm is model.get_submodule(expected[t.name])
                for t in selection.targets)
-    # frozen stages stay in scope by default; a pattern takes them out
-    assert 'backbone.layer1.0.conv1' in {t.name for t in selection.targets}
-    frozen_out = select_targets(model, exclude=r'backbone\.(conv1|layer1\.)')
-    assert len(frozen_out.targets) == 53 - 1 - 10
-    assert frozen_out.skipped['backbone.layer1.2.conv3'] == 'excluded by pattern'
+    # frozen stages (stem + layer1: weights without grad) are left alone by default
+    default = select_targets(model)
+    assert len(default.targets) == 53 - 1 - 10
+    assert 'backbone.layer1.0.conv1' not in {t.name for t in default.targets}
+    assert default.skipped['backbone.layer1.2.conv3'].startswith('frozen (its weight does not '
+                                                                 'require grad')
+    assert 'backbone.layer2.0.conv1' in {t.name for t in default.targets}
+    with pytest.raises(ValueError, match=r"frozen must be one of \('skip', 'project'\)"):
+        select_targets(model, frozen='freeze')
+
+
+def test_mmcv_sync_bn_is_paired_and_folded_like_sync_bn(tmp_path):
+    """mmcv's MMSyncBN (mmcv.ops.SyncBatchNorm) is not a torch _BatchNorm; it still pairs,
+    rectifies and folds (eval mode, its running statistics)."""
+    import torch.distributed as dist
+    from mmcv.ops import SyncBatchNorm as MMSyncBN
+
+    from lrpet_mm.lowrank import LowRankProjector, bn_scale, fold_conv_bn, plan_ranks
+
+    torch.manual_seed(0)
+    # MMSyncBN asks for the world size when built: a one-process gloo group
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), MMSyncBN(16)).eval()
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].running_mean.normal_()
+    selection = select_targets(model, scope='')
+    assert [(t.name, t.norm_name, t.rectify) for t in selection.targets] == [('0', '1', True)]
+    plan = plan_ranks(selection.shapes(), 0.5)
+    LowRankProjector(selection.targets, plan).project()
+    folded = fold_conv_bn(model[0], model[1])
+    expected = bn_scale(model[1])[:, None, None, None] * model[0].weight
+    assert torch.allclose(folded.weight.to(expected), expected, atol=1e-6)
+    assert torch.linalg.matrix_rank(folded.weight.reshape(16, -1).double(), rtol=1e-5) <= 8
 
 
 def test_mmdet_resnet_v1d_deep_stem_and_avg_down_pairing():

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from helpers import DET_TOY, SEG_TOY, load_toy_config
 
 

@@ -9,31 +9,33 @@
 
 A second run reuses the data set and a finished training run.
 """
-import argparse
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from lrpet_mm.datasets import generate_synthetic_voc
+from lrpet_mm.engine.checkpoint_meta import (
+    check_checkpoint_ranks,
+    load_checkpoint_file,
+    rank_plan_from_checkpoint,
+)
+from lrpet_mm.models import factorize_checkpoint
+from lrpet_mm.utils import upstream_tool
+from lrpet_mm.utils.cli import tool_parser
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lrpet_mm.analysis import (check_checkpoint_ranks, load_checkpoint_file,  # noqa: E402
-                               rank_plan_from_checkpoint)
-from lrpet_mm.datasets import generate_synthetic_voc  # noqa: E402
-from lrpet_mm.models import factorize_checkpoint  # noqa: E402
-from lrpet_mm.utils import upstream_tool  # noqa: E402
-
 DEMO_CONFIG = REPO / 'configs' / 'lrpet' / '_toy_' / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py'
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', default='data/VOCdevkit', help='VOCdevkit to create/reuse')
-    parser.add_argument('--work-dir', default='work_dirs/demo/faster-rcnn_r18_lrpet')
-    parser.add_argument('--out-dir', default='work_dirs/demo/compact',
-                        help='where the compact model and the report go')
+    parser = tool_parser(__doc__)
+    parser.add_argument('--data-root', default='data/VOCdevkit',
+                        help='VOCdevkit to create/reuse (default: %(default)s)')
+    parser.add_argument('--work-dir', default='work_dirs/demo',
+                        help='training run in WORK_DIR/train, compact model in WORK_DIR/compact, '
+                             'report in WORK_DIR/compact/report (default: %(default)s)')
     parser.add_argument('--retrain', action='store_true', help='train again even if finished')
     return parser.parse_args()
 
@@ -58,10 +60,11 @@ def finished_checkpoint(work_dir: Path):
 def main() -> int:
     args = parse_args()
     os.chdir(REPO)  # the toy configs use data_root='data/VOCdevkit/'
-    data = generate_synthetic_voc(args.data, num_train=16, num_val=8, img_size=(160, 128),
+    data = generate_synthetic_voc(args.data_root, num_train=16, num_val=8, img_size=(160, 128),
                                   seed=0)
     print(f'[demo] data set: {data}')
-    work_dir = Path(args.work_dir)
+    work_dir = Path(args.work_dir) / 'train'
+    compact_dir = Path(args.work_dir) / 'compact'
     ckpt = None if args.retrain else finished_checkpoint(work_dir)
     if ckpt is None:
         train = upstream_tool('mmdet', 'train.py')
@@ -95,12 +98,12 @@ def main() -> int:
     if not ok:
         return 1
 
-    out = factorize_checkpoint(DEMO_CONFIG, ckpt, args.out_dir)
+    out = factorize_checkpoint(DEMO_CONFIG, ckpt, compact_dir)
     print(f'\n[demo] factorized {len(out.compact.layers)} convs into two cascaded convs each:'
           f'\n  {out.config_path}\n  {out.checkpoint_path}')
     test = upstream_tool('mmdet', 'test.py')
     cmd = [sys.executable, str(test), str(out.config_path), str(out.checkpoint_path),
-           '--work-dir', str(Path(args.out_dir) / 'upstream_test')]
+           '--work-dir', str(compact_dir / 'upstream_test')]
     print('[demo] evaluating the compact model with the upstream tools/test.py:',
           ' '.join(cmd), flush=True)
     result = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -109,13 +112,13 @@ def main() -> int:
         raise RuntimeError('upstream test.py printed no pascal_voc/mAP:\n' + result.stderr[-2000:])
     print(f'[demo] upstream test.py on the compact model: pascal_voc/mAP = {maps[-1]}')
 
-    report_dir = Path(args.out_dir) / 'report'
+    report_dir = compact_dir / 'report'
     cmd = [sys.executable, str(REPO / 'tools' / 'report.py'), str(DEMO_CONFIG), str(ckpt),
            '--lowrank-config', str(out.config_path), '--lowrank-checkpoint',
-           str(out.checkpoint_path), '--out', str(report_dir)]
+           str(out.checkpoint_path), '--work-dir', str(report_dir)]
     print('[demo] report:', ' '.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    print(f'\n[demo] done. Files: training run {work_dir}, compact model {args.out_dir}, '
+    print(f'\n[demo] done. Files: training run {work_dir}, compact model {compact_dir}, '
           f'report {report_dir}/report.md (+ report.json, ranks.png)')
     return 0
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Export a compact (or original) model to ONNX and check it against PyTorch in onnxruntime.
 
+example:
     python tools/export_onnx.py CONFIG CHECKPOINT --part backbone|segmentor|detector-features \
         --out FILE.onnx [--input-shape C H W] [--no-latency-aware] [--no-check]
 
@@ -8,26 +9,28 @@ CONFIG/CHECKPOINT: tools/factorize.py's *_lowrank.py / *_lowrank.pth, or an orig
 By default low-rank layers measured slower (onnxruntime, this machine, this input size) than
 their merged single conv are merged back first (--no-latency-aware keeps all factorized).
 """
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lrpet_mm.deploy import (PARTS, OnnxMismatchError, check_input_shape,  # noqa: E402
-                             check_onnx_path, export_onnx, format_size, load_model)
+from lrpet_mm.deploy import (
+    PARTS,
+    OnnxMismatchError,
+    check_onnx_path,
+    export_onnx,
+    format_size,
+    load_model,
+)
+from lrpet_mm.engine.input_shape import check_input_shape, resolve_input_shape
+from lrpet_mm.utils.cli import add_cfg_options, add_input_shape, run_tool, tool_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = tool_parser(__doc__)
     parser.add_argument('config', help='model config (e.g. tools/factorize.py\'s *_lowrank.py)')
     parser.add_argument('checkpoint', help='checkpoint matching the config')
     parser.add_argument('--part', required=True, choices=PARTS, help='what to export')
     parser.add_argument('--out', required=True, help='output .onnx file')
-    parser.add_argument('--input-shape', type=int, nargs=3, default=None,
-                        metavar=('C', 'H', 'W'),
-                        help='fixed input shape of the graph (batch 1); default from the '
-                             'config (mmseg crop_size, else the test Resize scale)')
+    add_input_shape(parser, 'fixed input shape of the graph (batch 1); default from the '
+                    'config (mmseg crop_size, else the test Resize scale)')
     parser.add_argument('--no-latency-aware', action='store_true',
                         help='keep every low-rank layer factorized (no timing, no merge)')
     parser.add_argument('--merge-runtime', choices=('onnxruntime', 'torch'),
@@ -42,28 +45,28 @@ def parse_args(argv=None):
     parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
     parser.add_argument('--threads', type=int, default=None,
                         help='threads for onnxruntime and timing (default: all cores)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_onnx_path(args.out)  # cheap checks before building the model
-        shape = None if args.input_shape is None else check_input_shape(args.input_shape)
-        model, cfg = load_model(args.config, args.checkpoint)
-        if shape is None:
-            from lrpet_mm.analysis import infer_input_shape
-            shape = infer_input_shape(cfg)
-        result = export_onnx(model, args.part, shape, args.out, opset=args.opset,
-                             check=not args.no_check, tol=args.tol,
-                             latency_aware=not args.no_latency_aware,
-                             merge_runtime=args.merge_runtime, merge_repeats=args.merge_repeats,
-                             merge_margin=args.merge_margin, threads=args.threads)
-    except (FileNotFoundError, PermissionError, ValueError, KeyError, ImportError) as e:
-        kind = 'refused' if isinstance(e, OnnxMismatchError) else 'error'
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f'{kind}: {message}', file=sys.stderr)
-        return 2
+    return run_tool(lambda: export(args), refused=(OnnxMismatchError, ),
+                    errors=(FileNotFoundError, PermissionError, ValueError, KeyError,
+                            ImportError))
+
+
+def export(args) -> int:
+    check_onnx_path(args.out)  # cheap checks before building the model
+    if args.input_shape is not None:
+        check_input_shape(args.input_shape)
+    model, cfg = load_model(args.config, args.checkpoint, args.cfg_options)
+    shape = resolve_input_shape(cfg, args.input_shape)
+    result = export_onnx(model, args.part, shape, args.out, opset=args.opset,
+                         check=not args.no_check, tol=args.tol,
+                         latency_aware=not args.no_latency_aware,
+                         merge_runtime=args.merge_runtime, merge_repeats=args.merge_repeats,
+                         merge_margin=args.merge_margin, threads=args.threads)
     c, h, w = result.input_shape
     print(f'exported {args.part} at 1x{c}x{h}x{w} to {result.path}')
     print(f'ONNX file size: {format_size(result.size_bytes)}')

@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Write the built-in synthetic data set in Pascal VOC layout (for the toy configs).
 
-Example::
-
-    python tools/make_voc_data.py --out data/VOCdevkit --num-train 16 --num-val 8
+example:
+    python tools/make_voc_data.py --data-root data/VOCdevkit --num-train 16 --num-val 8
 """
 from __future__ import annotations
 
@@ -12,18 +11,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-try:
-    from lrpet_mm.datasets.synthetic_voc import (DEFAULT_CLASSES, VOC_CLASSES,
-                                                 generate_synthetic_voc, read_stamp)
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lrpet_mm.datasets.synthetic_voc import (DEFAULT_CLASSES, VOC_CLASSES,
-                                                 generate_synthetic_voc, read_stamp)
+from lrpet_mm.datasets.synthetic_voc import (
+    DEFAULT_CLASSES,
+    VOC_CLASSES,
+    generate_synthetic_voc,
+    read_stamp,
+)
+from lrpet_mm.utils.cli import tool_parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default='data/VOCdevkit',
+    parser = tool_parser(__doc__)
+    parser.add_argument('--data-root', default='data/VOCdevkit',
                         help='VOCdevkit directory to create (default: %(default)s)')
     parser.add_argument('--num-train', type=int, default=16,
                         help='VOC2007 trainval / VOC2012 train images (default: %(default)s)')
@@ -44,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.data_root)
     reused = read_stamp(out) is not None and not args.overwrite
     try:
         root = generate_synthetic_voc(out, num_train=args.num_train, num_val=args.num_val,

@@ -7,4 +7,7 @@ _base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb4-20k_voc12aug-512x512.py'
 custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
 # rank_multiple=8: every rank a multiple of 8 (the budget is still met), which convolution
 # kernels run markedly faster than ranks like 26 or 105 (benchmarks/bench_rank_alignment.py).
-custom_hooks = [dict(type='LRPETHook', flops_reduction=0.3, interval=500, rank_multiple=8)]
+# frozen='skip' (the default, stated here): mmseg's ResNetV1c has no frozen stage
+# (frozen_stages=-1), so every backbone conv is trainable and a target.
+custom_hooks = [dict(type='LRPETHook', flops_reduction=0.3, interval=500, rank_multiple=8,
+                     frozen='skip')]

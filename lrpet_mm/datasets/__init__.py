@@ -3,8 +3,13 @@
 Nothing here imports mmengine/mmdet/mmseg at import time.
 """
 from .config_data_root import replace_data_root, set_data_root
-from .synthetic_voc import (DEFAULT_CLASSES, VOC_CLASSES, generate_synthetic_voc, read_stamp,
-                            voc_palette)
+from .synthetic_voc import (
+    DEFAULT_CLASSES,
+    VOC_CLASSES,
+    generate_synthetic_voc,
+    read_stamp,
+    voc_palette,
+)
 
 __all__ = [
     'generate_synthetic_voc', 'read_stamp', 'voc_palette', 'VOC_CLASSES', 'DEFAULT_CLASSES',

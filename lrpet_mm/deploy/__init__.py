@@ -4,19 +4,47 @@ allocator setting for eager inference. ``onnx`` / ``onnxruntime`` are imported o
 exporting or timing in onnxruntime."""
 from .cpu_allocator import retain_freed_memory
 from .fold import fold_batchnorms
-from .latency import (LatencyMergeResult, LayerLatency, capture_input_shapes,
-                      latency_aware_merge, low_rank_layers, merge_low_rank, time_layer_pair)
-from .onnx_export import (ERROR_METRIC, PARTS, ExportResult, OnnxCheck, OnnxMismatchError,
-                          StaticAdaptiveAvgPool2d, check_input_shape, check_onnx_path,
-                          check_part, export_onnx, export_wrapper, format_size, load_model,
-                          max_normalized_error, output_names, replace_adaptive_pools)
-from .timing import (MEMORY_FORMATS, check_memory_format, default_threads,
-                     interleaved_median_ms, median_ms, ort_runner, ort_session, torch_threads)
+from .latency import (
+    LatencyMergeResult,
+    LayerLatency,
+    capture_input_shapes,
+    latency_aware_merge,
+    low_rank_layers,
+    merge_low_rank,
+    time_layer_pair,
+)
+from .onnx_export import (
+    ERROR_METRIC,
+    PARTS,
+    ExportResult,
+    OnnxCheck,
+    OnnxMismatchError,
+    StaticAdaptiveAvgPool2d,
+    check_onnx_path,
+    check_part,
+    export_onnx,
+    export_wrapper,
+    format_size,
+    load_model,
+    max_normalized_error,
+    output_names,
+    replace_adaptive_pools,
+)
+from .timing import (
+    MEMORY_FORMATS,
+    check_memory_format,
+    default_threads,
+    interleaved_median_ms,
+    ort_runner,
+    ort_session,
+    torch_threads,
+)
 
-__all__ = ['retain_freed_memory', 'MEMORY_FORMATS', 'check_memory_format', 'fold_batchnorms', 'LatencyMergeResult', 'LayerLatency', 'capture_input_shapes',
+__all__ = ['retain_freed_memory', 'MEMORY_FORMATS', 'check_memory_format', 'fold_batchnorms',
+           'LatencyMergeResult', 'LayerLatency', 'capture_input_shapes',
            'latency_aware_merge', 'low_rank_layers', 'merge_low_rank', 'time_layer_pair',
            'ERROR_METRIC', 'PARTS', 'ExportResult', 'OnnxCheck', 'OnnxMismatchError',
-           'StaticAdaptiveAvgPool2d', 'check_input_shape', 'check_onnx_path', 'check_part',
+           'StaticAdaptiveAvgPool2d', 'check_onnx_path', 'check_part',
            'export_onnx', 'export_wrapper', 'format_size', 'load_model', 'max_normalized_error',
            'output_names', 'replace_adaptive_pools', 'default_threads', 'interleaved_median_ms',
-           'median_ms', 'ort_runner', 'ort_session', 'torch_threads']
+           'ort_runner', 'ort_session', 'torch_threads']

@@ -12,8 +12,7 @@ from torch import nn
 
 from ..lowrank import find_conv_norm_pairs
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import fold_conv_bn
-from ..models.factorized_module import set_submodule
+from ..lowrank.factorize import fold_conv_bn, set_submodule
 
 _FOLDABLE_CONVS = {'torch.nn.modules.conv.Conv2d', 'mmcv.cnn.bricks.wrappers.Conv2d'}
 

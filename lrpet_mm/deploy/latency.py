@@ -21,10 +21,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..lowrank.factorize import LowRankConv2d
-from ..models.factorized_module import set_submodule
-from .timing import (check_memory_format, check_repeats, check_threads, interleaved_median_ms,
-                     ort_runner, ort_session, torch_threads)
+from ..lowrank.factorize import LowRankConv2d, set_submodule
+from .timing import (
+    check_memory_format,
+    check_repeats,
+    check_threads,
+    interleaved_median_ms,
+    ort_runner,
+    ort_session,
+    torch_threads,
+)
 
 RUNTIMES = ('torch', 'onnxruntime')
 """Where layers are timed: PyTorch eager, or onnxruntime (CPUExecutionProvider)."""

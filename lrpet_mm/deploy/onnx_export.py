@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..engine.input_shape import check_input_shape
 from ..utils.atomic import atomic_path, check_writable_dir
 
 PathLike = Union[str, os.PathLike]
@@ -54,15 +55,6 @@ def check_part(part: str) -> str:
     if part not in PARTS:
         raise ValueError(f'unknown part {part!r}; choose one of {", ".join(PARTS)}')
     return part
-
-
-def check_input_shape(shape: Sequence[int]) -> Tuple[int, int, int]:
-    """(C, H, W) as three positive ints, or a ValueError naming the bad value."""
-    values = tuple(shape) if isinstance(shape, (tuple, list)) else (shape, )
-    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                   and v > 0 for v in values):
-        raise ValueError(f'input shape must be three positive integers (C, H, W), got {shape!r}')
-    return tuple(int(v) for v in values)
 
 
 def check_onnx_path(out: PathLike) -> Path:
@@ -232,7 +224,7 @@ def replace_adaptive_pools(module: nn.Module, example: Tensor) -> List[str]:
     """Swap, in place, each ``nn.AdaptiveAvgPool2d`` whose output size does not divide its
     input (as seen in one forward of ``example``) for a :class:`StaticAdaptiveAvgPool2d`.
     Returns the names swapped."""
-    from ..models.factorized_module import set_submodule
+    from ..lowrank.factorize import set_submodule
 
     pools = {n: m for n, m in module.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
     seen: Dict[str, set] = {n: set() for n in pools}
@@ -436,12 +428,14 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
 
 
 # --------------------------------------------------------------------------- loading
-def load_model(config: PathLike, checkpoint: PathLike) -> Tuple[nn.Module, object]:
-    """Build the config's model (no pretrained download) and load ``checkpoint`` with every
-    key matched; returns (model on CPU in eval mode, config)."""
+def load_model(config: PathLike, checkpoint: PathLike,
+               cfg_options: Optional[dict] = None) -> Tuple[nn.Module, object]:
+    """Build the config's model (no pretrained download, ``cfg_options`` merged into the
+    config) and load ``checkpoint`` with every key matched; returns (model on CPU in eval mode,
+    config)."""
     from ..models.factorize_checkpoint import load_config, load_model_and_checkpoint
 
-    cfg = load_config(config)
+    cfg = load_config(config, cfg_options)
     model, _ = load_model_and_checkpoint(cfg, checkpoint, config)
     model.cpu()
     model.eval()

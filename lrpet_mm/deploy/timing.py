@@ -60,11 +60,6 @@ def torch_threads(threads: Optional[int]) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    return interleaved_median_ms([fn], repeats, warmup)[0]
-
-
 def interleaved_median_ms(fns: Sequence[Callable[[], Any]], repeats: int,
                           warmup: int) -> List[float]:
     """Median wall time (ms) of each callable, timed round-robin ``repeats`` times."""

@@ -1,11 +1,16 @@
-"""Distributed LRPET: a DDP model wrapper that splits the projection work across ranks.
+"""How a projection is distributed across ranks, and the model wrapper that splits it.
 
-Under data-parallel training every rank holds the same weights, so projecting every layer on
-every rank repeats the same SVDs ``world_size`` times. :class:`LRPETDDP` (an
-``MMDistributedDataParallel``) lets :class:`~lrpet_mm.engine.LRPETHook` give each rank a
-share of the layers, balanced by the SVD cost, and then broadcasts each projected weight from
-the rank that computed it, so all ranks end with bit-identical weights and the projection's
-wall time falls with the world size.
+:class:`~lrpet_mm.engine.LRPETHook` decides *when* to project; *how* the work is spread over
+the ranks of a data-parallel run is the model wrapper's job. The hook asks
+:func:`projection_strategy` for the runner's model and calls what it gets:
+
+* a wrapper that defines ``lrpet_project(projector, where)`` — :class:`LRPETDDP` — owns the
+  distribution: it gives each rank a share of the layers, balanced by the SVD cost, and then
+  broadcasts each projected weight from the rank that computed it, so all ranks end with
+  bit-identical weights and the projection's wall time falls with the world size;
+* any other model (plain, ``MMDistributedDataParallel``, FSDP-free single process) is
+  projected by :func:`project_on_all_ranks`: every rank projects every layer and then takes
+  rank 0's weights.
 
 Use it in a config::
 
@@ -17,7 +22,7 @@ e.g. ``find_unused_parameters=True``).
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -48,6 +53,12 @@ class DistributedProjectionStats(ProjectionStats):
     owners: Dict[str, int] = field(default_factory=dict)
     rank_seconds: List[float] = field(default_factory=list)
     rank_layers: List[int] = field(default_factory=list)
+
+    def split_summary(self) -> str:
+        """E.g. ``' (split over 2 ranks by LRPETDDP: 27 layers 40.1 ms, 26 layers 39.7 ms)'``."""
+        share = ', '.join(f'{n} layers {s * 1e3:.1f} ms'
+                          for n, s in zip(self.rank_layers, self.rank_seconds))
+        return f' (split over {self.world_size} ranks by LRPETDDP: {share})'
 
 
 def projection_cost(target: ConvTarget) -> int:
@@ -178,7 +189,6 @@ class LRPETDDP(MMDistributedDataParallel):
             kwargs.pop('output_device', None)
         super().__init__(module=module, detect_anomalous_params=detect_anomalous_params,
                          **kwargs)
-        self.lrpet_owners: Optional[Dict[str, int]] = None
 
     def lrpet_assignment(self, projector: LowRankProjector) -> Dict[str, int]:
         """``{layer name: rank that projects it}`` for the current world size."""
@@ -199,7 +209,6 @@ class LRPETDDP(MMDistributedDataParallel):
         start = time.perf_counter()
         world_size, rank = get_world_size(), get_rank()
         owners = self.lrpet_assignment(projector)
-        self.lrpet_owners = owners
         sync_projection_inputs(projector, src=0)
 
         error: Optional[BaseException] = None
@@ -241,6 +250,31 @@ class LRPETDDP(MMDistributedDataParallel):
             seconds=time.perf_counter() - start, world_size=world_size, owners=dict(owners),
             rank_seconds=[float(rep['seconds']) for rep in reports],
             rank_layers=[int(rep['num_layers']) for rep in reports])
+
+
+def project_on_all_ranks(projector: LowRankProjector, where: str = '') -> ProjectionStats:
+    """The default distribution: every rank projects every layer, then takes rank 0's weights.
+
+    The BatchNorms used by BN rectification are first made identical to rank 0's (their
+    running statistics are not synchronized by DDP under mmengine's default
+    ``broadcast_buffers=False``), so all ranks end bit-identical. In a single process this is
+    just ``projector.project``. Must be called on every rank at the same point.
+    """
+    sync_projection_inputs(projector, src=0)
+    stats = projector.project(where=where)
+    broadcast_weights(projector, src=0)
+    return stats
+
+
+ProjectionStrategy = Callable[[LowRankProjector, str], ProjectionStats]
+
+
+def projection_strategy(model) -> ProjectionStrategy:
+    """How ``model`` (the runner's, possibly wrapped) wants its projections distributed: its
+    own ``lrpet_project(projector, where)`` (:class:`LRPETDDP`), else
+    :func:`project_on_all_ranks`."""
+    own = getattr(model, 'lrpet_project', None)
+    return own if callable(own) else project_on_all_ranks
 
 
 def init_cpu_process_group(backend: str = 'gloo', **kwargs) -> bool:

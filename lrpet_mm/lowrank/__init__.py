@@ -1,26 +1,56 @@
 """Pure-PyTorch core of LRPET: projection, energy transfer, BN rectification, rank planning,
-target discovery. Nothing here imports OpenMMLab packages."""
-from .batchnorm import BNR_EPS, bn_scale, fold_bn_scale, is_batch_norm, unfold_bn_scale
-from .projection import (PROJECTION_METHODS, LowRankProjection, ProjectionError,
-                         conv_weight_as_matrix,
-                         numerical_rank, project_low_rank, truncated_svd)
+target discovery, factorization into cascaded convs. Nothing here imports OpenMMLab packages."""
+from .batchnorm import BN_RECOVERIES, BNR_EPS, bn_scale, is_batch_norm
+from .factorize import (
+    ConvFactorization,
+    FoldedConv,
+    LowRankConv2d,
+    factorize_conv,
+    factorize_conv_checked,
+    fold_conv_bn,
+    relative_rank_k_error,
+)
+from .projection import (
+    PROJECTION_METHODS,
+    LowRankProjection,
+    ProjectionError,
+    conv_weight_as_matrix,
+    numerical_rank,
+    project_low_rank,
+    truncated_svd,
+)
 from .projector import LowRankProjector, ProjectionStats
-from .ranks import (LayerRank, RankPlan, check_rank_multiple, check_rank_ratio, factorization_pays, plan_ranks,
-                    rank_for_ratio)
-from .targets import (ConvTarget, TargetSelection, find_conv_norm_pairs, get_scope_module,
-                      select_targets)
+from .ranks import (
+    LayerRank,
+    LayerSpectrum,
+    RankPlan,
+    allocate_ranks_by_energy,
+    allowed_ranks,
+    check_rank_multiple,
+    check_rank_ratio,
+    estimated_flops_removed,
+    factorization_pays,
+    normalized_energy_kept,
+    plan_ranks,
+    rank_for_ratio,
+    rank_plan_from_ranks,
+)
+from .targets import (
+    ConvTarget,
+    TargetSelection,
+    find_conv_norm_pairs,
+    get_scope_module,
+    select_targets,
+)
 
 __all__ = [
-    'BNR_EPS', 'bn_scale', 'fold_bn_scale', 'is_batch_norm', 'unfold_bn_scale',
-    'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError', 'conv_weight_as_matrix', 'numerical_rank',
-    'project_low_rank', 'truncated_svd', 'LowRankProjector', 'ProjectionStats', 'LayerRank',
-    'RankPlan', 'check_rank_multiple', 'check_rank_ratio', 'factorization_pays', 'plan_ranks', 'rank_for_ratio',
-    'ConvTarget', 'TargetSelection', 'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
+    'BN_RECOVERIES', 'BNR_EPS', 'bn_scale', 'is_batch_norm', 'ConvFactorization', 'FoldedConv',
+    'LowRankConv2d', 'factorize_conv', 'factorize_conv_checked', 'fold_conv_bn',
+    'relative_rank_k_error', 'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError',
+    'conv_weight_as_matrix', 'numerical_rank', 'project_low_rank', 'truncated_svd',
+    'LowRankProjector', 'ProjectionStats', 'LayerRank', 'LayerSpectrum', 'RankPlan',
+    'allocate_ranks_by_energy', 'allowed_ranks', 'check_rank_multiple', 'check_rank_ratio',
+    'estimated_flops_removed', 'factorization_pays', 'normalized_energy_kept', 'plan_ranks',
+    'rank_for_ratio', 'rank_plan_from_ranks', 'ConvTarget', 'TargetSelection',
+    'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
 ]
-
-from .factorize import (ConvFactorization, FoldedConv, LowRankConv2d,  # noqa: E402
-                        factorize_conv, factorize_conv_checked, fold_conv_bn,
-                        relative_rank_k_error)
-
-__all__ += ['ConvFactorization', 'factorize_conv_checked', 'FoldedConv', 'LowRankConv2d', 'factorize_conv', 'fold_conv_bn',
-            'relative_rank_k_error']

@@ -1,15 +1,29 @@
-"""BatchNorm helpers for BN rectification (paper eq. 16), pure PyTorch."""
+"""BatchNorm helpers for BN rectification, pure PyTorch."""
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 #: ε of paper eq. 16, W ← (Γ² + εI)⁻¹ Γ W'_k.
 BNR_EPS = 1e-5
+#: How the conv weight is recovered from the projected BN-folded weight ΓW (see
+#: :class:`~lrpet_mm.lowrank.projector.LowRankProjector`): ``'in_span'`` (the default),
+#: W ← α·W·V_kV_kᵀ with V_k the top-k right singular vectors of ΓW; ``'eq16'``, paper eq. 16,
+#: W ← (Γ² + εI)⁻¹ Γ·P̃_k(ΓW).
+BN_RECOVERIES = ('in_span', 'eq16')
+
+
+#: Batch norms that do not subclass torch's ``_BatchNorm`` (qualified class names).
+_OTHER_BATCH_NORMS = {'mmcv.ops.sync_bn.SyncBatchNorm'}
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """True for BatchNorm/SyncBatchNorm (any dim) and frozen BN variants with running stats."""
+    """True for BatchNorm/SyncBatchNorm (any dim), mmcv's ``MMSyncBN`` and frozen BN variants
+    with running stats."""
     if isinstance(module, _BatchNorm):
+        return True
+    # mmcv.ops.SyncBatchNorm (registered as 'MMSyncBN') is a plain Module with the BN
+    # attributes; matched by qualified name so the core stays free of OpenMMLab imports.
+    if f'{type(module).__module__}.{type(module).__qualname__}' in _OTHER_BATCH_NORMS:
         return True
     # torchvision.ops.FrozenBatchNorm2d and look-alikes: fixed γ, β, μ, v buffers.
     return type(module).__name__.startswith('FrozenBatchNorm') and all(
@@ -34,19 +48,6 @@ def bn_scale(bn: nn.Module) -> Tensor:
     if gamma is not None:  # affine=False BN has γ = 1
         scale = scale * gamma.detach().to(scale.dtype)
     return scale
-
-
-def fold_bn_scale(matrix: Tensor, scale: Tensor) -> Tensor:
-    """W' = Γ W: row i of a (m, n) matrix scaled by scale[i] (shape (m,))."""
-    return matrix * scale.to(matrix.dtype)[:, None]
-
-
-def unfold_bn_scale(folded: Tensor, scale: Tensor, eps: float = BNR_EPS) -> Tensor:
-    """Recover a conv weight from a projected folded weight, paper eq. 16.
-
-    W = (Γ² + εI)⁻¹ Γ W'_k, i.e. row i scaled by a_i / (a_i² + ε).
-    """
-    return folded * unfold_factor(scale.to(folded.dtype), eps)[:, None]
 
 
 def unfold_factor(scale: Tensor, eps: float = BNR_EPS) -> Tensor:

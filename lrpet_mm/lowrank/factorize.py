@@ -11,7 +11,7 @@ W' ≈ U_k Σ_k V_kᵀ:
 Parameters go from m·n to k·(m + n).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -110,3 +110,43 @@ def factorize_conv(conv: nn.Conv2d, rank: int,
     and device of ``conv``.
     """
     return factorize_conv_checked(conv, rank, norm).pair
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (must exist) by ``module``."""
+    parent_name, _, child = name.rpartition('.')
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if not hasattr(parent, child):
+        raise AttributeError(f'{type(root).__name__} has no submodule {name!r}')
+    setattr(parent, child, module)
+
+
+def empty_factorized_conv(conv: nn.Conv2d, rank: int) -> LowRankConv2d:
+    """A :class:`LowRankConv2d` with the geometry :func:`factorize_conv` gives ``conv``."""
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise ValueError(f'cannot factorize {conv!r}: only Conv2d with groups=1')
+    if not 1 <= rank <= min(conv.out_channels, conv.weight[0].numel()):
+        raise ValueError(f'rank {rank} out of range for {conv!r}')
+    reduce = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
+                       padding=conv.padding, dilation=conv.dilation, bias=False,
+                       padding_mode=conv.padding_mode)
+    expand = nn.Conv2d(rank, conv.out_channels, 1, bias=True)
+    return LowRankConv2d(reduce, expand)
+
+
+def apply_factorized_structure(module: nn.Module, ranks: Dict[str, int],
+                               folded_norms: Optional[Dict[str, str]] = None) -> nn.Module:
+    """Swap convs for low-rank pairs and folded BNs for identities, in place; returns module."""
+    for name, rank in ranks.items():
+        try:
+            conv = module.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f'factorized layer {name!r} does not exist in '
+                           f'{type(module).__name__}') from None
+        set_submodule(module, name, empty_factorized_conv(conv, int(rank)))
+    for conv_name, norm_name in (folded_norms or {}).items():
+        if conv_name not in ranks:
+            raise KeyError(f'folded norm {norm_name!r} belongs to {conv_name!r}, which is not '
+                           'factorized')
+        set_submodule(module, norm_name, nn.Identity())
+    return module

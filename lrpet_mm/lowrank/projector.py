@@ -6,11 +6,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import BNR_EPS, bn_scale, unfold_factor
-from .projection import (PROJECTION_METHODS, ProjectionError, conv_weight_as_matrix,
-                         project_low_rank)
-from .subspace import warm_start_usable
+from .batchnorm import BN_RECOVERIES, BNR_EPS, bn_scale, unfold_factor
+from .projection import PROJECTION_METHODS, ProjectionError, conv_weight_as_matrix, project_low_rank
 from .ranks import RankPlan
+from .subspace import warm_start_usable
 from .targets import ConvTarget
 
 
@@ -21,7 +20,7 @@ class ProjectionStats:
     Attributes:
         num_layers: layers projected.
         energy_kept: ``{layer: ‖P_k(W)‖²/‖W‖²}`` before energy transfer (of the BN-folded
-            weight where BNR is on).
+            weight where BNR is on; 1.0 where it is all zero).
         seconds: wall time of the pass.
         methods: ``{layer: 'warm' | 'warm-f64' | 'exact-f32' | 'exact' | 'svd'}``, how each
             subspace was obtained (see
@@ -50,10 +49,20 @@ class ProjectionStats:
 class LowRankProjector:
     """Projects each target conv's weight onto its planned rank, in place.
 
-    For a target with BN rectification the BN-folded weight W' = ΓW is projected and the
-    conv weight recovered with paper eq. 16; otherwise W itself is projected. Weights are
-    overwritten with ``copy_`` so parameters, gradients and optimizer state keep their
-    identity, shape, dtype and device.
+    For a target with BN rectification the BN-folded weight W' = ΓW (Γ = diag(a), a the BN
+    scale) is projected and the conv weight recovered as ``bn_recovery`` says; otherwise W
+    itself is projected. Weights are overwritten with ``copy_`` so parameters, gradients and
+    optimizer state keep their identity, shape, dtype and device.
+
+    BN recoveries (:data:`~lrpet_mm.lowrank.batchnorm.BN_RECOVERIES`):
+
+    * ``'in_span'`` (default): W ← α·W·V_kV_kᵀ, V_k the top-k right singular vectors of ΓW and
+      α = ‖ΓW‖_F / ‖ΓW·V_k‖_F (1 without energy transfer). Then ΓW_new = α·P_k(ΓW) exactly,
+      rank(W_new) <= k, no ε, W → cW gives c·W_new, and a row with a_i = 0 keeps its part in
+      span(V_k) (eq. 16 zeroes it for good). If every a_i = 0 (ΓW = 0), W itself is projected
+      (with energy transfer on ‖W‖_F); the layer's energy kept is reported as 1.0.
+    * ``'eq16'``: paper eq. 16, W ← (Γ² + εI)⁻¹ Γ·P̃_k(ΓW), i.e. row i of the projected
+      folded weight scaled by a_i / (a_i² + ε) (ε = ``bnr_eps``).
 
     Only the top-k singular subspace of each weight is computed (no full SVD): exactly from
     the float64 Gram matrix of the smaller side the first time, then by one warm-started
@@ -66,24 +75,29 @@ class LowRankProjector:
         targets: the convs (see :func:`~lrpet_mm.lowrank.targets.select_targets`).
         plan: ranks; targets not in ``plan.layers`` are left alone.
         energy_transfer: rescale kept singular values to preserve ‖·‖_F. Defaults to True.
-        bnr_eps: ε of eq. 16. Defaults to 1e-5.
+        bnr_eps: ε of eq. 16 (``bn_recovery='eq16'`` only). Defaults to 1e-5.
         warm_start: reuse each layer's previous basis. Defaults to True. With False every
             projection uses the exact method.
         method: ``'auto'`` (default), ``'exact'`` or ``'svd'`` (full SVD, the slow
             reference); see :func:`~lrpet_mm.lowrank.projection.project_low_rank`.
+        bn_recovery: ``'in_span'`` (default) or ``'eq16'``, see above.
     """
 
     def __init__(self, targets: List[ConvTarget], plan: RankPlan,
                  energy_transfer: bool = True, bnr_eps: float = BNR_EPS,
-                 warm_start: bool = True, method: str = 'auto') -> None:
+                 warm_start: bool = True, method: str = 'auto',
+                 bn_recovery: str = 'in_span') -> None:
         if method not in PROJECTION_METHODS:
             raise ValueError(f'method must be one of {PROJECTION_METHODS}, got {method!r}')
+        if bn_recovery not in BN_RECOVERIES:
+            raise ValueError(f'bn_recovery must be one of {BN_RECOVERIES}, got {bn_recovery!r}')
         self.targets = [t for t in targets if t.name in plan.layers]
         self.plan = plan
         self.energy_transfer = energy_transfer
         self.bnr_eps = bnr_eps
         self.warm_start = bool(warm_start)
         self.method = method
+        self.bn_recovery = bn_recovery
         self.bases: Dict[str, Tensor] = {}
         self.last_methods: Dict[str, str] = {}
         missing = [name for name in plan.layers if name not in {t.name for t in targets}]
@@ -116,14 +130,16 @@ class LowRankProjector:
                                       f'has non-finite scale{at}')
             if scale.dtype != matrix.dtype and matrix.dtype in (torch.float32, torch.float64):
                 scale = scale.to(matrix.dtype)
-            unfold = unfold_factor(scale, self.bnr_eps)  # paper eq. 16
+            if self.bn_recovery == 'eq16':
+                unfold = unfold_factor(scale, self.bnr_eps)
         warm = self.bases.get(target.name) if self.warm_start else None
         try:
             result = project_low_rank(matrix, rank, self.energy_transfer, warm_basis=warm,
                                       method=self.method, row_scale=scale,
                                       output_row_factor=unfold, out=matrix,
                                       float32_exact=self.last_methods.get(target.name)
-                                      != 'exact')
+                                      != 'exact',
+                                      in_span=target.rectify and self.bn_recovery == 'in_span')
         except ProjectionError as e:
             bad = int((~torch.isfinite(weight)).sum())
             if bad:

@@ -38,6 +38,8 @@ from torch import Tensor
 ENERGY_RTOL = 1e-4
 #: Largest chunk (elements) converted to float64 at once when forming an exact Gram matrix.
 GRAM_CHUNK_ELEMENTS = 1 << 18
+#: Tightening steps of the bound on λ_max(C) (see :func:`_tighten_complement`).
+COMPLEMENT_STEPS = 3
 
 
 def smaller_side(shape: Tuple[int, int]) -> str:
@@ -160,8 +162,7 @@ def certified_top_basis(gram: Tensor, rank: int) -> Optional[Tuple['RitzBasis', 
     del vectors, values
     gq = gram @ basis
     ritz = _ritz(basis, gq)
-    ritz.complement_max = complement
-    ritz._complement_steps = 3  # the norm bounds would not be tighter
+    ritz.bound_complement(complement, final=True)  # the norm bounds would not be tighter
     return ritz, gq
 
 
@@ -210,6 +211,21 @@ class RitzBasis:
         """Absolute rounding allowance on the Ritz values (H's entries carry ≈ eps·θ_1)."""
         return 4 * torch.finfo(self.h.dtype).eps * self.h.shape[0] * self.value_max
 
+    def bound_complement(self, bound: float, final: bool = False) -> None:
+        """Adopt ``bound`` as an upper bound on λ_max(C) if it is tighter than the current one;
+        ``final``: no norm bound of :func:`_tighten_complement` is to be tried after it."""
+        self.complement_max = min(self.complement_max, bound)
+        if final:
+            self._complement_steps = COMPLEMENT_STEPS
+
+    def next_complement_step(self) -> Optional[int]:
+        """Claim the next tightening step of λ_max(C)'s bound (0: ‖C‖_F, 1: Schatten-4,
+        2: Schatten-8; see :func:`_tighten_complement`), or None when none is left."""
+        if self._complement_steps >= COMPLEMENT_STEPS:
+            return None
+        self._complement_steps += 1
+        return self._complement_steps - 1
+
     def smallest_value_exceeds(self, level: float) -> bool:
         """Whether θ_k > ``level`` (+ rounding), proven by a Cholesky factorization of
         H − level·I (or read off the Ritz values once they are computed)."""
@@ -249,10 +265,9 @@ def _tighten_complement(ritz: RitzBasis, gram: Tensor, gq: Tensor) -> bool:
     Returns False when no step is left.
 
     C = G − Q Zᵀ − Z Qᵀ with Z = G Q − Q H / 2 (= Q⊥Q⊥ᵀ G Q⊥Q⊥ᵀ for orthonormal Q)."""
-    step = ritz._complement_steps
-    if step >= 3:
+    step = ritz.next_complement_step()
+    if step is None:
         return False
-    ritz._complement_steps += 1
     q, h, eps = ritz.basis, ritz.h, torch.finfo(gram.dtype).eps
     z = gq - 0.5 * (q @ h)
     k, s = q.shape[1], q.shape[0]
@@ -279,7 +294,7 @@ def _tighten_complement(ritz: RitzBasis, gram: Tensor, gq: Tensor) -> bool:
         else:
             c4 = _symmetric_product(c2, 4) if s >= 256 else c2 @ c2
             bound = float(torch.linalg.matrix_norm(c4)) ** 0.25 + rounding
-    ritz.complement_max = min(ritz.complement_max, bound)
+    ritz.bound_complement(bound)
     return True
 
 

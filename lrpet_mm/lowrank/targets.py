@@ -27,6 +27,8 @@ _PLAIN_CONV_TYPES = (nn.Conv2d, )
 _PLAIN_CONV_QUALNAMES = {'mmcv.cnn.bricks.wrappers.Conv2d'}
 
 UNPAIRED_POLICIES = ('skip', 'project', 'error')
+#: What :func:`select_targets` does with a conv whose weight does not require grad.
+FROZEN_POLICIES = ('skip', 'project')
 
 
 def _qualname(module: nn.Module) -> str:
@@ -126,7 +128,8 @@ class ConvTarget:
 
 @dataclass
 class TargetSelection:
-    """Result of :func:`select_targets`: the targets (model order) and skipped convs with reasons."""
+    """Result of :func:`select_targets`: the targets (model order) and the skipped convs with
+    the reason for each."""
     targets: List[ConvTarget]
     skipped: Dict[str, str]
 
@@ -167,7 +170,7 @@ def select_targets(model: nn.Module,
                    include: Union[None, str, Sequence[str]] = None,
                    exclude: Union[None, str, Sequence[str]] = None,
                    bn_rectify: bool = True,
-                   unpaired: str = 'skip') -> TargetSelection:
+                   unpaired: str = 'skip', frozen: str = 'skip') -> TargetSelection:
     """Choose the convs to project and their BNs.
 
     Args:
@@ -182,12 +185,18 @@ def select_targets(model: nn.Module,
             consumes: ``'skip'`` (default; logged in ``skipped``), ``'project'`` (without BNR)
             or ``'error'``. A conv followed by a non-BN norm (GroupNorm, LayerNorm) raises an
             error unless ``unpaired='project'``.
+        frozen: what to do with a conv whose weight does not require grad (a frozen stage,
+            e.g. mmdet's ``frozen_stages=1``): ``'skip'`` (default; logged in ``skipped``:
+            projecting it would truncate it once and it could never re-learn) or
+            ``'project'``.
 
     Returns:
         :class:`TargetSelection`.
     """
     if unpaired not in UNPAIRED_POLICIES:
         raise ValueError(f'unpaired must be one of {UNPAIRED_POLICIES}, got {unpaired!r}')
+    if frozen not in FROZEN_POLICIES:
+        raise ValueError(f'frozen must be one of {FROZEN_POLICIES}, got {frozen!r}')
     include = _as_patterns(include, 'include')
     exclude = _as_patterns(exclude, 'exclude')
     scope_module = get_scope_module(model, scope)
@@ -215,6 +224,10 @@ def select_targets(model: nn.Module,
         reason = unsupported_reason(conv)
         if reason is not None:
             skipped[name] = reason
+            continue
+        if frozen == 'skip' and not conv.weight.requires_grad:
+            skipped[name] = ("frozen (its weight does not require grad; frozen='project' "
+                             'projects it anyway)')
             continue
         norm_name = pairs.get(name)
         norm = model.get_submodule(norm_name) if norm_name else None

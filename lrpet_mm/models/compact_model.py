@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from ..lowrank import RankPlan, find_conv_norm_pairs, relative_rank_k_error
-from ..lowrank.factorize import factorize_conv_checked
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from .factorized_module import set_submodule
+from ..lowrank.factorize import factorize_conv_checked, set_submodule
 
 
 class NotLowRankError(ValueError):

@@ -26,9 +26,8 @@ from torch import nn
 
 from ..lowrank import RankPlan
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import LowRankConv2d, factorize_conv_checked, fold_conv_bn
+from ..lowrank.factorize import LowRankConv2d, factorize_conv_checked, fold_conv_bn, set_submodule
 from .compact_model import CompactModel, FactorizedLayer, planned_layers
-from .factorized_module import set_submodule
 
 __all__ = ['DecomposedLayer', 'DecomposedModel', 'decompose_model', 'fold_factorized_norms',
            'components_of']

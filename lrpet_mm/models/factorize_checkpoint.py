@@ -10,20 +10,25 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
-from ..analysis.checkpoint_summary import load_checkpoint_file, rank_plan_from_checkpoint
-from ..analysis.input_shape import infer_input_shape
-from ..lowrank import RankPlan, get_scope_module, plan_ranks, select_targets
+from ..engine.checkpoint_meta import load_checkpoint_file, rank_plan_from_checkpoint
+from ..engine.input_shape import resolve_input_shape
+from ..engine.planning import plan_targets
+from ..lowrank import RankPlan, select_targets
 from ..utils.atomic import atomic_path, check_writable_dir
 from .compact_model import CompactModel, factorize_model
 
 PathLike = Union[str, os.PathLike]
 
 
-def load_config(config: PathLike) -> Config:
-    """``Config.fromfile`` with a clear error for a missing file (runs ``custom_imports``)."""
+def load_config(config: PathLike, cfg_options: Optional[dict] = None) -> Config:
+    """``Config.fromfile`` (runs ``custom_imports``) with ``cfg_options`` merged in (as the
+    ``--cfg-options`` of the mmdet / mmseg tools), and a clear error for a missing file."""
     if not os.path.isfile(config):
         raise FileNotFoundError(f'config {os.fspath(config)!r} does not exist')
-    return Config.fromfile(os.fspath(config))
+    cfg = Config.fromfile(os.fspath(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
 
 
 def build_model_from_config(cfg: Config) -> nn.Module:
@@ -49,7 +54,6 @@ def load_model_and_checkpoint(cfg: Config, checkpoint: PathLike, cfg_path: PathL
                               ) -> Tuple[nn.Module, dict]:
     """Build ``cfg``'s model (no pretrained download) and load ``checkpoint`` with every key
     matched; returns ``(model in eval mode, checkpoint dict)``. Errors name both files."""
-    from ..analysis.checkpoint_summary import load_checkpoint_file
 
     ckpt = load_checkpoint_file(checkpoint)
     try:
@@ -65,7 +69,7 @@ def load_model_and_checkpoint(cfg: Config, checkpoint: PathLike, cfg_path: PathL
 def hook_settings(cfg: Config) -> dict:
     """Arguments of the ``LRPETHook`` in ``cfg.custom_hooks`` (empty if none)."""
     for hook in cfg.get('custom_hooks', None) or []:
-        if hook.get('type') in ('LRPETHook', 'lrpet_mm.LRPETHook'):
+        if hook.get('type') == 'LRPETHook':
             return {k: v for k, v in hook.items() if k != 'type'}
     return {}
 
@@ -83,18 +87,14 @@ def plan_for(model: nn.Module, checkpoint: dict, cfg: Config, where: str,
     scope = settings.get('scope', 'backbone')
     selection = select_targets(model, scope, settings.get('include'), settings.get('exclude'),
                                settings.get('bn_rectify', True),
-                               settings.get('unpaired', 'skip'))
-    if flops_reduction is not None:
-        # imported here: analysis.flops itself builds on lrpet_mm.models
-        from ..analysis.flops import plan_ranks_for_flops
-        shape = flops_input_shape or infer_input_shape(cfg)
-        return plan_ranks_for_flops(get_scope_module(model, scope), scope, selection,
-                                    flops_reduction, shape, settings.get('layer_ratios'),
-                                    settings.get('min_rank', 1),
-                                    rank_multiple=settings.get('rank_multiple', 1)).plan
-    plan = plan_ranks(selection.shapes(), rank_ratio, settings.get('layer_ratios'),
-                      settings.get('min_rank', 1), settings.get('rank_multiple', 1))
-    plan.skipped.update(selection.skipped)
+                               settings.get('unpaired', 'skip'), settings.get('frozen', 'skip'))
+    shape = (resolve_input_shape(cfg, flops_input_shape, 'flops_input_shape')
+             if flops_reduction is not None else None)
+    plan, _ = plan_targets(model, selection, scope, rank_ratio, flops_reduction, shape,
+                           settings.get('layer_ratios'), settings.get('min_rank', 1),
+                           settings.get('rank_multiple', 1),
+                           settings.get('rank_allocation', 'uniform')
+                           if flops_reduction is not None else 'uniform')
     return plan
 
 
@@ -111,7 +111,7 @@ def compact_config(cfg: Config, compact: CompactModel) -> Config:
         imports.append('lrpet_mm')
     new.custom_imports = dict(imports=imports, allow_failed_imports=False)
     new.custom_hooks = [h for h in (new.get('custom_hooks') or [])
-                        if h.get('type') not in ('LRPETHook', 'lrpet_mm.LRPETHook')]
+                        if h.get('type') != 'LRPETHook']
     new.load_from = None
     new.resume = False
     return new
@@ -130,13 +130,15 @@ def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLi
                          rank_ratio: Optional[float] = None,
                          flops_reduction: Optional[float] = None,
                          flops_input_shape: Optional[Sequence[int]] = None,
-                         name: Optional[str] = None) -> FactorizeOutput:
+                         name: Optional[str] = None,
+                         cfg_options: Optional[dict] = None) -> FactorizeOutput:
     """Write ``out_dir/<name>_lowrank.py`` and ``out_dir/<name>_lowrank.pth``.
 
-    ``name`` defaults to the config's file stem. Both files are written to temporary files and
-    renamed, so a failure leaves no partial output.
+    ``name`` defaults to the config's file stem; ``cfg_options`` are merged into the config
+    (and so into the compact config). Both files are written to temporary files and renamed,
+    so a failure leaves no partial output.
     """
-    cfg = load_config(config)
+    cfg = load_config(config, cfg_options)
     out_dir = check_writable_dir(out_dir)
     ckpt = load_checkpoint_file(checkpoint)
     where = f'checkpoint {os.fspath(checkpoint)!r}'

@@ -2,7 +2,7 @@
 # mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py (same model family, VOC metainfo,
 # 20 classes and VOCMetric; small images, no pretrained weights, a few epochs).
 #
-# Make the data first:  python tools/make_voc_data.py --out data/VOCdevkit
+# Make the data first:  python tools/make_voc_data.py --data-root data/VOCdevkit
 # Train:                python .venv/lib/python3.11/site-packages/mmdet/.mim/tools/train.py \
 #                           configs/lrpet/_toy_/faster-rcnn_r18_fpn_toy_voc.py
 _base_ = 'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py'

@@ -2,7 +2,7 @@
 # mmseg::pspnet/pspnet_r50-d8_4xb4-20k_voc12aug-512x512.py (same model family, 21 classes,
 # IoUMetric; plain BN, small crops, no pretrained weights, a few iterations).
 #
-# Make the data first:  python tools/make_voc_data.py --out data/VOCdevkit
+# Make the data first:  python tools/make_voc_data.py --data-root data/VOCdevkit
 # Train:                python .venv/lib/python3.11/site-packages/mmseg/.mim/tools/train.py \
 #                           configs/lrpet/_toy_/pspnet_r18-d8_toy_voc12aug.py
 _base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb4-20k_voc12aug-512x512.py'

@@ -54,8 +54,9 @@ def check_checkpoint_ranks(checkpoint: dict, plan: RankPlan,
                            rtol: float = 1e-5) -> List[LayerRankCheck]:
     """Numerical rank of each planned layer's conv weight in ``checkpoint['state_dict']``.
 
-    After LRPET's last projection the conv weight itself has rank <= k (with BN rectification
-    W = diag(a/(a²+ε))·W'_k), so no BN folding is needed for this check.
+    After LRPET's last projection the conv weight itself has rank <= k (with BN rectification:
+    W = α·W·V_kV_kᵀ for the default in-span recovery, W = diag(a/(a²+ε))·W'_k for eq. 16), so
+    no BN folding is needed for this check.
     """
     state = checkpoint.get('state_dict', checkpoint)
     results = []

@@ -2,7 +2,7 @@
 
 Models (random weights, init/pretrained off; no training is needed for latency): the planned
 convs get exactly rank-k weights at the ranks the project's planner picks for the config's
-``flops_reduction`` (:func:`lrpet_mm.deploy.synthetic.synthetic_compact_model`), then the
+``flops_reduction`` (:func:`benchlib.synthetic.synthetic_compact_model`), then the
 model is factorized exactly.
 
 * ResNet-50 backbone of ``configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py`` (−50 %
@@ -36,9 +36,7 @@ factorized), judged for both the factorized and the latency-merged variant.
 """
 import contextlib
 import datetime
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -50,15 +48,24 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..analysis.flops import count_flops
-from ..analysis.report import TensorForward, fixed_proposal_count, make_data_samples
-from ..deploy import (check_memory_format, default_threads, export_onnx, export_wrapper,
-                      fold_batchnorms, interleaved_median_ms, latency_aware_merge,
-                      low_rank_layers, ort_runner, ort_session, retain_freed_memory)
-from ..deploy.synthetic import synthetic_compact_model
-from ..utils.atomic import atomic_path
+from benchlib.common import REPO_ROOT, machine_info, write_results
+from benchlib.synthetic import synthetic_compact_model
+from lrpet_mm.deploy import (
+    check_memory_format,
+    default_threads,
+    export_onnx,
+    export_wrapper,
+    fold_batchnorms,
+    interleaved_median_ms,
+    latency_aware_merge,
+    low_rank_layers,
+    ort_runner,
+    ort_session,
+    retain_freed_memory,
+)
+from lrpet_mm.engine.flops import count_flops
+from lrpet_mm.report.complexity import TensorForward, fixed_proposal_count, make_data_samples
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DET_CONFIG = REPO_ROOT / 'configs' / 'lrpet' / 'faster-rcnn_r50_fpn_lrpet_1x_voc0712.py'
 SEG_CONFIG = (REPO_ROOT / 'configs' / 'lrpet' /
               'pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py')
@@ -117,25 +124,6 @@ def default_settings(quick: bool = False, **overrides) -> Settings:
 
 def shape_text(shape: Sequence[int]) -> str:
     return 'x'.join(str(v) for v in shape)
-
-
-def machine_info(threads: int) -> dict:
-    """CPU model, core counts, library versions and the load average now."""
-    import numpy
-    import onnx
-    import onnxruntime
-
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    return dict(cpu=cpu, logical_cores=os.cpu_count(), usable_cores=default_threads(),
-                threads=threads, platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, mkldnn=torch.backends.mkldnn.is_available(),
-                onnxruntime=onnxruntime.__version__, onnx=onnx.__version__,
-                numpy=numpy.__version__, load_average_start=list(os.getloadavg()))
 
 
 # --------------------------------------------------------------------------- rows
@@ -364,7 +352,7 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     start = time.perf_counter()
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    info = machine_info(settings.threads)
+    info = dict(machine_info(), threads=settings.threads)
     info['allocator'] = 'glibc default'
     if settings.allocator == 'retain':  # process-wide and final: see retain_freed_memory
         info['allocator'] = ('glibc, freed memory retained (lrpet_mm.deploy.retain_freed_memory)'
@@ -401,10 +389,7 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
                 all_pass=bool(backbone) and all(r['p3'] for r in backbone)),
         rows=bench.rows, onnx_sizes=bench.onnx_sizes, merges=bench.merges)
     out_stem = Path(out_stem)
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = (out_stem.parent / f'{out_stem.name}.{ext}' for ext in ('json', 'md'))
-    with atomic_path(json_path) as tmp_json, atomic_path(md_path) as tmp_md:
-        tmp_json.write_text(json.dumps(result, indent=2) + '\n')
-        tmp_md.write_text(f'# Inference latency\n\n{markdown(result)}')
-    result['files'] = [str(json_path), str(md_path)]
+    json_path = write_results(out_stem.parent / f'{out_stem.name}.json', result,
+                              f'# Inference latency\n\n{markdown(result)}')
+    result['files'] = [str(json_path), str(json_path.with_suffix('.md'))]
     return result

@@ -13,10 +13,10 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from ..lowrank import RankPlan
-from ..lowrank.batchnorm import is_batch_norm
-from ..models.compact_model import CompactModel, factorize_model
-from ..models.factorize_checkpoint import build_model_from_config, hook_settings, plan_for
+from lrpet_mm.lowrank import RankPlan
+from lrpet_mm.lowrank.batchnorm import is_batch_norm
+from lrpet_mm.models.compact_model import CompactModel, factorize_model
+from lrpet_mm.models.factorize_checkpoint import build_model_from_config, hook_settings, plan_for
 
 
 @dataclass

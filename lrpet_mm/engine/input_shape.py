@@ -1,5 +1,16 @@
-"""The input shape FLOPs are counted at, read from an mmdet / mmseg config."""
-from typing import Tuple
+"""The input shape (C, H, W) FLOPs are counted at: one rule for the hook, the planner, the
+factorize / report / export tools — the shape given explicitly, else read from the config."""
+import numbers
+from typing import Optional, Sequence, Tuple
+
+
+def check_input_shape(shape: Sequence[int], what: str = 'input shape') -> Tuple[int, int, int]:
+    """(C, H, W) as three positive ints, or a ValueError naming ``what`` and the bad value."""
+    values = tuple(shape) if isinstance(shape, (tuple, list)) else (shape, )
+    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                   and v > 0 for v in values):
+        raise ValueError(f'{what} must be three positive integers (C, H, W), got {shape!r}')
+    return tuple(int(v) for v in values)
 
 
 def _find_resize_scale(pipeline) -> Tuple[int, int]:
@@ -33,3 +44,13 @@ def infer_input_shape(cfg) -> Tuple[int, int, int]:
     raise ValueError('cannot infer the input shape for FLOPs counting from the config (no '
                      'crop_size, no Resize in the test pipeline); give it explicitly as '
                      '(C, H, W)')
+
+
+def resolve_input_shape(cfg, shape: Optional[Sequence[int]] = None,
+                        what: str = 'input shape') -> Tuple[int, int, int]:
+    """``shape`` validated when given, else :func:`infer_input_shape` of ``cfg``."""
+    if shape is not None:
+        return check_input_shape(shape, what)
+    if cfg is None:
+        raise ValueError(f'{what} is needed: give it explicitly as (C, H, W) or pass a config')
+    return infer_input_shape(cfg)

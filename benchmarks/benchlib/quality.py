@@ -36,12 +36,9 @@ import contextlib
 import copy
 import datetime
 import gc
-import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -51,13 +48,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..analysis.report import format_count, quiet_runner
-from ..datasets.synthetic_voc import generate_synthetic_voc
-from ..utils.atomic import atomic_path, check_writable_dir
+from benchlib import common
+from benchlib.common import REPO_ROOT
+from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
+from lrpet_mm.report.evaluation import quiet_runner
+from lrpet_mm.report.markdown import format_count
+from lrpet_mm.utils.atomic import atomic_path, check_writable_dir
+from lrpet_mm.utils.values import error_text
 
 PathLike = Union[str, os.PathLike]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs' / 'lrpet' / '_toy_'
 FORMAT_VERSION = 1
 RESULT_FILES = ('quality.json', 'quality.md')
@@ -346,12 +345,12 @@ def markdown_results(results: dict) -> str:
     seeds = settings['seeds']
     lines += [
         f'- command: `{results.get("command", "")}` ({settings["mode"]} mode)',
-        _time_line(wall, results.get('cpu_time_s'), machine.get('torch_threads')),
-        f'- machine: {machine.get("cpu_model", "?")}, {machine.get("cpus_available", "?")} '
+        _time_line(wall, results.get('cpu_time_s'), machine.get('threads')),
+        f'- machine: {machine.get("cpu", "?")}, {machine.get("usable_cores", "?")} '
         f'CPU core(s) available, torch {machine.get("torch", "?")} '
-        f'({machine.get("torch_threads", "?")} threads), mmdet {machine.get("mmdet", "?")}, '
+        f'({machine.get("threads", "?")} threads), mmdet {machine.get("mmdet", "?")}, '
         f'mmseg {machine.get("mmseg", "?")}, mmengine {machine.get("mmengine", "?")}; '
-        f'load average at start {machine.get("loadavg_start", "?")}',
+        f'load average at start {machine.get("load_average", "?")}',
         f'- code: commit {(machine.get("git_commit") or "?")[:12]}'
         f'{" + uncommitted changes" if machine.get("git_dirty") else ""}',
         f'- data: built-in synthetic VOC layout (`generate_synthetic_voc(hard=True)`: textured '
@@ -416,67 +415,9 @@ def _time_line(wall: Optional[float], cpu: Optional[float], threads) -> str:
 
 def write_results(results: dict, out_dir: PathLike) -> Tuple[Path, Path]:
     """Write ``quality.json`` and ``quality.md`` atomically (temporary file, then rename)."""
-    out = check_writable_dir(out_dir)
-    json_path, md_path = out / RESULT_FILES[0], out / RESULT_FILES[1]
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(_finite(results), indent=2) + '\n')
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown_results(results))
-    return json_path, md_path
-
-
-def _finite(value):
-    """JSON has no NaN / inf: replace them by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-# =============================================================================== machine
-def machine_info() -> dict:
-    """CPU, cores, library versions, git commit and load average (for the results)."""
-    import torch
-
-    info = dict(platform=platform.platform(), python=platform.python_version(),
-                cpu_model=None, cpu_count=os.cpu_count(), torch=torch.__version__,
-                torch_threads=torch.get_num_threads(),
-                omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
-    try:
-        info['cpus_available'] = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        info['cpus_available'] = os.cpu_count()
-    with contextlib.suppress(OSError):
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.lower().startswith('model name'):
-                info['cpu_model'] = line.split(':', 1)[1].strip()
-                break
-    if info['cpu_model'] is None:
-        info['cpu_model'] = platform.processor() or platform.machine()
-    for name in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
-        try:
-            info[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - informational only
-            info[name] = None
-    with contextlib.suppress(OSError, AttributeError):
-        info['loadavg_start'] = ' '.join(f'{v:.2f}' for v in os.getloadavg())
-    info['git_commit'], info['git_dirty'] = _git_state()
-    return info
-
-
-def _git_state() -> Tuple[Optional[str], Optional[bool]]:
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, check=True,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
-                               cwd=REPO_ROOT, check=True, capture_output=True, text=True,
-                               timeout=10).stdout.strip() != ''
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
+    json_path = common.write_results(check_writable_dir(out_dir) / RESULT_FILES[0], results,
+                                     markdown_results(results))
+    return json_path, json_path.with_suffix('.md')
 
 
 # =============================================================================== configs
@@ -485,7 +426,7 @@ def _load_base_config(task: TaskSettings, settings: BenchSettings, data_root: Pa
     """The toy config of ``task``, adapted for the benchmark (see the module docstring)."""
     from mmengine.config import Config
 
-    from ..datasets import set_data_root
+    from lrpet_mm.datasets import set_data_root
 
     path = CONFIG_DIR / f'{task.config}.py'
     if not path.is_file():
@@ -725,7 +666,7 @@ class QualityBenchmark:
         self.start, self.cpu_start = time.time(), time.process_time()
         self.results['started'] = datetime.datetime.now().astimezone().isoformat(
             timespec='seconds')
-        self.results['machine'] = machine_info()
+        self.results['machine'] = common.machine_info()
         s = self.settings
         self.log(f'{s.mode} mode: tasks {[t.key for t in s.tasks]}, rows {self.rows}, seeds '
                  f'{list(s.seeds)}; work dir {self.work_dir}, results in {self.out_dir}')
@@ -752,7 +693,7 @@ class QualityBenchmark:
                         self._run_task_seed(task, seed, data_root, contexts)
                     except Exception as e:  # noqa: BLE001 - outside any row: record, go on
                         self._record_missing(task, seed, f'{task.key} seed {seed} stopped: '
-                                             f'{_error_text(e)}')
+                                             f'{error_text(e, 600)}')
         finally:
             saved.restore()
             self.results['finished'] = datetime.datetime.now().astimezone().isoformat(
@@ -799,7 +740,7 @@ class QualityBenchmark:
         try:
             ctx = self._context(task, seed, data_root, seed_dir, contexts)
         except Exception as e:  # noqa: BLE001 - recorded, the other tasks go on
-            self._record_missing(task, seed, f'rank planning failed: {_error_text(e)}')
+            self._record_missing(task, seed, f'rank planning failed: {error_text(e, 600)}')
             return
         for key in RUN_ORDER:
             if key not in self.rows and not (key == 'baseline' and 'lra' in self.rows):
@@ -811,7 +752,7 @@ class QualityBenchmark:
             try:
                 entry = self._run_row(task, row, seed, data_root, row_dir, ctx)
             except Exception as e:  # noqa: BLE001 - recorded, the other rows go on
-                entry = dict(error=_error_text(e), traceback=traceback.format_exc(limit=8))
+                entry = dict(error=error_text(e, 600), traceback=traceback.format_exc(limit=8))
                 self.log(f'{task.key} seed {seed} {key}: FAILED after {time.time() - t0:.0f} s: '
                          f'{entry["error"]}')
             else:
@@ -833,11 +774,11 @@ class QualityBenchmark:
     def _context(self, task: TaskSettings, seed: int, data_root: Path, seed_dir: Path,
                  contexts: dict) -> TaskContext:
         """The rank plan of ``task`` (computed once, reused for every seed)."""
-        from ..analysis.flops import plan_ranks_for_flops
-        from ..analysis.input_shape import infer_input_shape
-        from ..lowrank import get_scope_module, select_targets
-        from ..models import components_of, planned_layers
-        from ..models.factorize_checkpoint import build_model_from_config
+        from lrpet_mm.engine.input_shape import infer_input_shape
+        from lrpet_mm.engine.planning import plan_ranks_for_flops
+        from lrpet_mm.lowrank import get_scope_module, select_targets
+        from lrpet_mm.models import components_of, planned_layers
+        from lrpet_mm.models.factorize_checkpoint import build_model_from_config
 
         if task.key in contexts:
             ctx = contexts[task.key]
@@ -862,7 +803,7 @@ class QualityBenchmark:
                  f'removes {100 * result.reduction:.2f} % of the backbone FLOPs at input '
                  f'{tuple(shape)} (target {100 * task.flops_reduction:.0f} %)')
         ctx = TaskContext(task, plan, info, norms,
-                          components_of({n: l.rank for n, l in plan.layers.items()}, norms),
+                          components_of({n: layer.rank for n, layer in plan.layers.items()}, norms),
                           tuple(shape))
         contexts[task.key] = ctx
         del model
@@ -913,7 +854,7 @@ class QualityBenchmark:
         return entry
 
     def _evaluate(self, task: TaskSettings, cfg, checkpoint: Path, work_dir: Path) -> dict:
-        from ..analysis.report import evaluate_checkpoint
+        from lrpet_mm.report import evaluate_checkpoint
 
         metrics = evaluate_checkpoint(cfg, checkpoint, work_dir, progress=False)
         if task.metric not in metrics:
@@ -924,8 +865,8 @@ class QualityBenchmark:
         return dict(metric=value, metric_pct=pct)
 
     def _complexity(self, cfg, ctx: TaskContext) -> dict:
-        from ..analysis.flops import count_flops, count_params
-        from ..models.factorize_checkpoint import build_model_from_config
+        from lrpet_mm.engine.flops import count_flops, count_params
+        from lrpet_mm.models.factorize_checkpoint import build_model_from_config
 
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -938,9 +879,12 @@ class QualityBenchmark:
         """LRPET-trained checkpoint -> compact config + checkpoint, after checking the run used
         the reference ranks. The steps of ``factorize_checkpoint`` (build, load every key,
         ``factorize_model`` with its low-rank check, ``compact_config``), in process."""
-        from ..analysis.checkpoint_summary import load_checkpoint_file, rank_plan_from_checkpoint
-        from ..models import compact_config, factorize_model
-        from ..models.factorize_checkpoint import build_model_from_config, load_state_dict_strict
+        from lrpet_mm.engine.checkpoint_meta import load_checkpoint_file, rank_plan_from_checkpoint
+        from lrpet_mm.models import compact_config, factorize_model
+        from lrpet_mm.models.factorize_checkpoint import (
+            build_model_from_config,
+            load_state_dict_strict,
+        )
 
         checkpoint = load_checkpoint_file(ckpt)
         plan = rank_plan_from_checkpoint(checkpoint, str(ckpt))
@@ -964,9 +908,12 @@ class QualityBenchmark:
     def _fold(self, base_cfg, trained_cfg, ckpt: Path, out_dir: Path, ctx: TaskContext,
               name: str):
         """A trained factorized (BN kept) model -> the compact config + checkpoint."""
-        from ..analysis.checkpoint_summary import load_checkpoint_file
-        from ..models import compact_config, fold_factorized_norms
-        from ..models.factorize_checkpoint import build_model_from_config, load_state_dict_strict
+        from lrpet_mm.engine.checkpoint_meta import load_checkpoint_file
+        from lrpet_mm.models import compact_config, fold_factorized_norms
+        from lrpet_mm.models.factorize_checkpoint import (
+            build_model_from_config,
+            load_state_dict_strict,
+        )
 
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -984,9 +931,12 @@ class QualityBenchmark:
         """Decompose the trained baseline by truncated SVD, (evaluate,) fine-tune, fold."""
         import torch
 
-        from ..analysis.checkpoint_summary import load_checkpoint_file
-        from ..models import decompose_model
-        from ..models.factorize_checkpoint import build_model_from_config, load_state_dict_strict
+        from lrpet_mm.engine.checkpoint_meta import load_checkpoint_file
+        from lrpet_mm.models import decompose_model
+        from lrpet_mm.models.factorize_checkpoint import (
+            build_model_from_config,
+            load_state_dict_strict,
+        )
 
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -1020,12 +970,6 @@ class QualityBenchmark:
         eval_cfg, eval_ckpt = self._fold(cfg, ft_cfg, ckpt, row_dir / 'compact', ctx,
                                          'lra_compact')
         return eval_cfg, eval_ckpt, info
-
-
-def _error_text(e: BaseException, limit: int = 600) -> str:
-    text = ' '.join(str(e).split())
-    text = f'{type(e).__name__}: {text}' if text else type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def run_benchmark(settings: BenchSettings, work_dir: PathLike, out_dir: PathLike,

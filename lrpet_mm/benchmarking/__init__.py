@@ -1,1 +1,0 @@
-"""Benchmarks of lrpet_mm (``benchmarks/*.py`` are their command lines)."""
