@@ -119,6 +119,18 @@ def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]  # same ranks as the hook's plan: low-rank
 
 
+def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_run, tmp_path):
+    from mmengine.config import Config
+    config, ckpt = seg_run
+    out = run([FACTORIZE, config, ckpt, '--work-dir', tmp_path / 'o', '--cfg-options',
+               'test_dataloader.batch_size=3', 'model.decode_head.dropout_ratio=0.25'])
+    assert out.returncode == 0, out.stderr[-2000:]
+    compact = Config.fromfile(str(tmp_path / 'o' / f'{config.stem}_lowrank.py'))
+    assert compact.test_dataloader.batch_size == 3
+    assert compact.model.decode_head.dropout_ratio == 0.25
+    assert compact.model.backbone.type == 'LRPETFactorized'
+
+
 def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp_path):
     config, ckpt = seg_run
     out_dir = tmp_path / 'out'

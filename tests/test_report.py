@@ -17,7 +17,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 import lrpet_mm  # noqa: F401
-from helpers import load_repo_script, load_toy_config
+from helpers import load_repo_script, lrpet_train_config
 from lrpet_mm.engine import count_flops, count_params, infer_input_shape, rank_plan_from_checkpoint
 from lrpet_mm.models import build_model_from_config, load_config
 from lrpet_mm.report.complexity import measure_complexity
@@ -33,17 +33,12 @@ REPORT_FILES = ('report.md', 'report.json', 'ranks.png')
 
 def train_toy(name: str, voc_root: Path, work_dir: Path, train_cfg: dict, ckpt_name: str):
     """Train a toy config with LRPETHook (no validation); return (config file, checkpoint)."""
-    cfg = load_toy_config(name, voc_root, work_dir)
-    cfg.custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
-    cfg.custom_hooks = [dict(type='LRPETHook', rank_ratio=0.5, interval=2)]
+    cfg = lrpet_train_config(name, voc_root, work_dir, train_cfg,
+                             hook=dict(rank_ratio=0.5, interval=2))
     config_path = work_dir / f'{name}.py'
     cfg.dump(str(config_path))  # the config as a user has it (validation included)
-    by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
     train = copy.deepcopy(cfg)
-    train.train_cfg = train_cfg
     train.val_cfg = train.val_dataloader = train.val_evaluator = None
-    train.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=by_epoch,
-                                          interval=1 if by_epoch else train_cfg['max_iters'])
     Runner.from_cfg(train).train()
     return config_path, work_dir / ckpt_name
 

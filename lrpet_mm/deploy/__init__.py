@@ -3,6 +3,14 @@ layers (eager NCHW or channels_last, or onnxruntime), BN folding for eager timin
 allocator setting for eager inference. ``onnx`` / ``onnxruntime`` are imported only when
 exporting or timing in onnxruntime."""
 from .cpu_allocator import retain_freed_memory
+from .export_modules import (
+    PARTS,
+    StaticAdaptiveAvgPool2d,
+    check_part,
+    export_wrapper,
+    output_names,
+    replace_adaptive_pools,
+)
 from .fold import fold_batchnorms
 from .latency import (
     LatencyMergeResult,
@@ -15,20 +23,14 @@ from .latency import (
 )
 from .onnx_export import (
     ERROR_METRIC,
-    PARTS,
     ExportResult,
     OnnxCheck,
     OnnxMismatchError,
-    StaticAdaptiveAvgPool2d,
     check_onnx_path,
-    check_part,
     export_onnx,
-    export_wrapper,
     format_size,
     load_model,
     max_normalized_error,
-    output_names,
-    replace_adaptive_pools,
 )
 from .timing import (
     MEMORY_FORMATS,

@@ -113,7 +113,8 @@ class RankPlan:
             raise ValueError(f'malformed rank plan: {e!r}') from e
 
 
-def _compile_patterns(patterns: Iterable[str], what: str) -> List[Tuple[str, 're.Pattern']]:
+def compile_patterns(patterns: Iterable[str], what: str) -> List[Tuple[str, 're.Pattern']]:
+    """``[(pattern, compiled regex)]``; a ValueError naming ``what`` and the bad pattern."""
     compiled = []
     for pattern in patterns:
         try:
@@ -146,7 +147,7 @@ def plan_ranks(shapes: Mapping[str, Tuple[int, int]],
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f'min_rank must be an int >= 1, got {min_rank!r}')
     check_rank_multiple(rank_multiple)
-    overrides = _compile_patterns((layer_ratios or {}).keys(), 'layer_ratios')
+    overrides = compile_patterns((layer_ratios or {}).keys(), 'layer_ratios')
     for pattern, _ in overrides:
         check_rank_ratio(layer_ratios[pattern], f'layer_ratios[{pattern!r}]')
     used = set()

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from torch import nn
 
 from .batchnorm import has_running_stats, is_batch_norm
+from .ranks import compile_patterns
 
 #: Conv classes whose forward is a plain convolution with ``self.weight``. mmcv's
 #: ``wrappers.Conv2d`` (empty-tensor support) is accepted by qualified name so this module
@@ -146,10 +147,7 @@ def _as_patterns(patterns: Union[None, str, Sequence[str]], what: str) -> List[s
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(f'{what} must be regex strings, got {p!r}')
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ValueError(f'{what}: invalid regular expression {p!r}: {e}') from e
+    compile_patterns(patterns, what)
     return patterns
 
 
