@@ -18,8 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 	  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 $(PIP) install --no-build-isolation mmcv==2.1.0
 	$(PIP) install -q -r requirements.txt
+	@# workaround: mmdeploy 1.3.1 declares protobuf<=3.20.2, which conflicts with the onnx pin;
+	@# install it without its declared dependencies (the runtime ones are in requirements.txt)
+	$(PIP) install -q --no-deps mmdeploy==1.3.1
 	$(PIP) install -q --no-build-isolation --no-deps -e .
-	$(PY) -c "import mmcv.ops, mmdet, mmseg, lrpet_mm; print('stack OK')"
+	$(PY) -c "import mmcv.ops, mmdet, mmseg, mmdeploy.apis, lrpet_mm; print('stack OK')"
 	touch $(STAMP)
 
 test: install

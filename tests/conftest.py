@@ -25,3 +25,35 @@ def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_val=VOC_NUM_VAL,
         img_size=VOC_IMG_SIZE,
         seed=0)
+
+
+def _train_lrpet_run(name: str, voc_root: Path, work_dir: Path, train_cfg: dict):
+    """Train a toy config with LRPETHook (rank_ratio 0.5); (config file dumped, checkpoint)."""
+    from mmengine.runner import Runner
+
+    from helpers import lrpet_train_config
+
+    cfg = lrpet_train_config(name, voc_root, work_dir, train_cfg)
+    Runner.from_cfg(cfg).train()
+    config_path = work_dir / f'{name}.py'
+    cfg.dump(str(config_path))
+    by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
+    return config_path, work_dir / ('epoch_1.pth' if by_epoch
+                                    else f'iter_{train_cfg["max_iters"]}.pth')
+
+
+@pytest.fixture(scope='session')
+def det_lrpet_run(voc_root, tmp_path_factory):
+    """The toy Faster R-CNN trained 1 epoch with LRPETHook: (config file, checkpoint); shared
+    by the factorize and deploy tests (read only)."""
+    return _train_lrpet_run('faster-rcnn_r18_fpn_toy_voc', voc_root,
+                            tmp_path_factory.mktemp('det_lrpet_run'),
+                            dict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1))
+
+
+@pytest.fixture(scope='session')
+def seg_lrpet_run(voc_root, tmp_path_factory):
+    """The toy PSPNet trained 4 iterations with LRPETHook: (config file, checkpoint)."""
+    return _train_lrpet_run('pspnet_r18-d8_toy_voc12aug', voc_root,
+                            tmp_path_factory.mktemp('seg_lrpet_run'),
+                            dict(type='IterBasedTrainLoop', max_iters=4, val_interval=100))

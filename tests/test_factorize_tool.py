@@ -7,41 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
-from helpers import CONFIG_DIR, lrpet_train_config
+from helpers import CONFIG_DIR
 from lrpet_mm.models import factorize_checkpoint
 from lrpet_mm.utils import upstream_tool
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORIZE = REPO / 'tools' / 'factorize.py'
-
-
-def train_toy(name: str, voc_root: Path, work_dir: Path, **train_cfg) -> Path:
-    """Train a toy config with LRPETHook; return (config file dumped, final checkpoint)."""
-    cfg = lrpet_train_config(name, voc_root, work_dir, train_cfg)
-    by_epoch = train_cfg['type'] == 'EpochBasedTrainLoop'
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    config_path = work_dir / f'{name}.py'
-    cfg.dump(str(config_path))
-    ckpt = work_dir / ('epoch_1.pth' if by_epoch else f'iter_{train_cfg["max_iters"]}.pth')
-    return config_path, ckpt
-
-
-@pytest.fixture(scope='module')
-def det_run(voc_root, tmp_path_factory):
-    work = tmp_path_factory.mktemp('det_run')
-    return train_toy('faster-rcnn_r18_fpn_toy_voc', voc_root, work,
-                     type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
-
-
-@pytest.fixture(scope='module')
-def seg_run(voc_root, tmp_path_factory):
-    work = tmp_path_factory.mktemp('seg_run')
-    return train_toy('pspnet_r18-d8_toy_voc12aug', voc_root, work,
-                     type='IterBasedTrainLoop', max_iters=4, val_interval=100)
 
 
 def run(args, **kw) -> subprocess.CompletedProcess:
@@ -60,8 +33,8 @@ def metric(log: str, key: str) -> float:
 
 
 @pytest.mark.parametrize('run_fixture,package,key,n_convs', [
-    ('det_run', 'mmdet', 'pascal_voc/mAP', 20),  # ResNet-18
-    ('seg_run', 'mmseg', 'mIoU', 22),  # ResNetV1c-18 (deep stem)
+    ('det_lrpet_run', 'mmdet', 'pascal_voc/mAP', 20),  # ResNet-18
+    ('seg_lrpet_run', 'mmseg', 'mIoU', 22),  # ResNetV1c-18 (deep stem)
 ])
 def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
         request, tmp_path, run_fixture, package, key, n_convs):
@@ -87,8 +60,8 @@ def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
     assert not any(k.startswith('backbone.layer2.0.bn2') for k in state)
 
 
-def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_run, tmp_path):
-    config, ckpt = seg_run
+def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_lrpet_run, tmp_path):
+    config, ckpt = seg_lrpet_run
     checkpoint = torch.load(ckpt, map_location='cpu', weights_only=False)
     torch.manual_seed(0)
     for key in ('backbone.layer3.0.conv1.weight', 'backbone.layer4.1.conv2.weight'):
@@ -107,8 +80,8 @@ def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_run, tmp_p
     assert len(list(out_dir.iterdir())) == 2
 
 
-def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_run, tmp_path):
-    config, ckpt = seg_run
+def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_lrpet_run, tmp_path):
+    config, ckpt = seg_lrpet_run
     checkpoint = torch.load(ckpt, map_location='cpu', weights_only=False)
     del checkpoint['meta']['lrpet']
     plain = tmp_path / 'plain.pth'
@@ -119,9 +92,9 @@ def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]  # same ranks as the hook's plan: low-rank
 
 
-def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_run, tmp_path):
+def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_lrpet_run, tmp_path):
     from mmengine.config import Config
-    config, ckpt = seg_run
+    config, ckpt = seg_lrpet_run
     out = run([FACTORIZE, config, ckpt, '--work-dir', tmp_path / 'o', '--cfg-options',
                'test_dataloader.batch_size=3', 'model.decode_head.dropout_ratio=0.25'])
     assert out.returncode == 0, out.stderr[-2000:]
@@ -131,8 +104,8 @@ def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_run, 
     assert compact.model.backbone.type == 'LRPETFactorized'
 
 
-def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp_path):
-    config, ckpt = seg_run
+def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_lrpet_run, det_lrpet_run, tmp_path):
+    config, ckpt = seg_lrpet_run
     out_dir = tmp_path / 'out'
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(ckpt.read_bytes()[:4096])
@@ -147,7 +120,7 @@ def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp
                                                      r'read .*truncated'),
         ([config, ckpt, '--work-dir', a_file / 'sub'], r"cannot create output directory "
                                                        r"'.*a_file/sub'"),
-        ([det_run[0], ckpt, '--work-dir', out_dir], r"checkpoint '.*' does not match the "
+        ([det_lrpet_run[0], ckpt, '--work-dir', out_dir], r"checkpoint '.*' does not match the "
                                                     r"config's model: missing keys"),
     ]
     for args, message in cases:
@@ -158,8 +131,8 @@ def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_run, det_run, tmp
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
-def test_failure_while_writing_leaves_no_partial_file(seg_run, tmp_path, monkeypatch):
-    config, ckpt = seg_run
+def test_failure_while_writing_leaves_no_partial_file(seg_lrpet_run, tmp_path, monkeypatch):
+    config, ckpt = seg_lrpet_run
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):

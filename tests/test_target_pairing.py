@@ -131,8 +131,10 @@ def test_grouped_and_deformable_convs_are_skipped_with_a_reason():
     from mmdet.models.backbones import ResNet, ResNeXt
     resnext = Detector(ResNeXt(depth=50, groups=32, base_width=4, init_cfg=None))
     selection = select_targets(resnext)
-    assert selection.skipped['backbone.layer2.0.conv2'] == \
-        'grouped conv (groups=32) is not supported'
+    assert selection.skipped['backbone.layer2.0.conv2'] == (
+        'grouped conv (groups=32): each group is a separate (out/groups) x (in/groups·kh·kw) = '
+        '8 x 72 matrix of rank <= 8; factorizing a group at rank k saves parameters only when '
+        'k·(m + n) < m·n, i.e. k <= 7 here; per-group factorization is not implemented')
     assert 'backbone.layer2.0.conv1' in {t.name for t in selection.targets}
     dcn = Detector(ResNet(depth=50, dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
                           stage_with_dcn=(False, False, True, True), init_cfg=None))
@@ -146,7 +148,7 @@ def test_convs_without_bn_follow_the_unpaired_policy():
     from mmdet.models.backbones import ResNet
     from mmdet.models.necks import FPN
     model = Detector(ResNet(depth=18, init_cfg=None), FPN([64, 128, 256, 512], 64, 5))
-    with pytest.raises(ValueError, match=r"no conv to project in scope 'neck'.*"
+    with pytest.raises(ValueError, match=r"no conv or linear layer to project in scope 'neck'.*"
                                          r"'neck.fpn_convs.0.conv': \"no BatchNorm consumes"):
         select_targets(model, scope='neck', include=r'fpn_convs')  # default unpaired='skip'
     projected = select_targets(model, scope='neck', include=r'fpn_convs', unpaired='project')

@@ -7,7 +7,8 @@ example:
 
 CONFIG/CHECKPOINT: tools/factorize.py's *_lowrank.py / *_lowrank.pth, or an original pair.
 By default low-rank layers measured slower (onnxruntime, this machine, this input size) than
-their merged single conv are merged back first (--no-latency-aware keeps all factorized).
+their merged single conv (or linear layer) are merged back first (--no-latency-aware keeps all
+factorized).
 """
 import sys
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Factorize an LRPET-trained checkpoint into a compact model that the upstream mmdet / mmseg
-tools load: every projected conv becomes two cascaded convs.
+tools load: every projected conv becomes two cascaded convs, every projected linear layer two
+cascaded linear layers.
 
 example:
     python tools/factorize.py CONFIG CHECKPOINT --work-dir DIR
@@ -10,7 +11,7 @@ upstream tools/test.py of mmdet / mmseg.
 """
 import sys
 
-from lrpet_mm.models import NotLowRankError, factorize_checkpoint
+from lrpet_mm.models import NotLowRankError, describe_layers, factorize_checkpoint
 from lrpet_mm.utils.cli import add_cfg_options, add_input_shape, run_tool, tool_parser
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         layers = out.compact.layers
         before = sum(p.numel() for p in out.original.parameters())
         after = sum(p.numel() for p in out.compact.model.parameters())
-        print(f'factorized {len(layers)} convs (max relative rank-k error '
+        print(f'factorized {describe_layers(layers)} (max relative rank-k error '
               f'{max(layer.relative_error for layer in layers):.2e}); model parameters '
               f'{before} -> {after} ({100 * (1 - after / before):.1f} % fewer)')
         print(f'config:     {out.config_path}')

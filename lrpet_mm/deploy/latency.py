@@ -4,7 +4,9 @@ A :class:`~lrpet_mm.lowrank.LowRankConv2d` (``reduce``: k×n_in×kh×kw conv, th
 conv m×k with bias) computes the same linear map as one conv with weight
 ``W = expand.weight[:, :, 0, 0] @ reduce.weight.reshape(k, -1)`` reshaped to (m, n_in, kh, kw)
 and bias ``expand.bias`` (the 1×1 conv is pointwise, so it commutes with the first conv's
-padding and stride). :func:`merge_low_rank` builds that conv. Fewer FLOPs do not always mean
+padding and stride); a :class:`~lrpet_mm.lowrank.LowRankLinear` likewise computes one linear
+layer with weight ``expand.weight @ reduce.weight``. :func:`merge_low_rank` builds that conv or
+linear layer. Fewer FLOPs do not always mean
 less time (a thin inner width k runs at a lower arithmetic intensity, and it is one more
 kernel launch and one more intermediate tensor), so :func:`latency_aware_merge` times each
 factorized layer against its merged conv, at the layer's real input shape (captured with
@@ -21,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..lowrank.factorize import LowRankConv2d, set_submodule
+from ..lowrank.factorize import LOW_RANK_TYPES, LowRankLinear, set_submodule
 from .timing import (
     check_memory_format,
     check_repeats,
@@ -39,11 +41,36 @@ Example = Union[Tensor, Callable[[nn.Module], Any]]
 
 
 @torch.no_grad()
-def merge_low_rank(pair: LowRankConv2d) -> nn.Conv2d:
-    """The single conv equivalent to ``pair`` (exact up to float rounding; composed in
-    float64). Weight (m, n_in, kh, kw), bias (m,), dtype and device of ``pair``."""
-    if not isinstance(pair, LowRankConv2d) or len(pair) != 2:
-        raise TypeError(f'expected a LowRankConv2d (reduce, expand), got {type(pair).__name__}')
+def _merge_low_rank_linear(pair: LowRankLinear) -> nn.Linear:
+    reduce, expand = pair[0], pair[1]
+    if not (isinstance(reduce, nn.Linear) and isinstance(expand, nn.Linear)):
+        raise ValueError(f'cannot merge {pair!r}: both layers must be nn.Linear')
+    weight = expand.weight.double() @ reduce.weight.double()
+    has_bias = expand.bias is not None or reduce.bias is not None
+    linear = nn.Linear(reduce.in_features, expand.out_features, bias=has_bias,
+                       dtype=reduce.weight.dtype, device=reduce.weight.device)
+    linear.weight.copy_(weight)
+    if has_bias:
+        total = torch.zeros(expand.out_features, dtype=torch.float64, device=weight.device)
+        if reduce.bias is not None:  # not made by factorize_linear, but merged exactly anyway
+            total += expand.weight.double() @ reduce.bias.double()
+        if expand.bias is not None:
+            total += expand.bias.double()
+        linear.bias.copy_(total)
+    return linear.train(pair.training)
+
+
+@torch.no_grad()
+def merge_low_rank(pair: nn.Sequential) -> nn.Module:
+    """The single conv (for a :class:`LowRankConv2d`) or linear layer (for a
+    :class:`LowRankLinear`) equivalent to ``pair`` (exact up to float rounding; composed in
+    float64). Conv weight (m, n_in, kh, kw) / linear weight (m, n), bias (m,), dtype and device
+    of ``pair``."""
+    if not isinstance(pair, LOW_RANK_TYPES) or len(pair) != 2:
+        raise TypeError('expected a LowRankConv2d or LowRankLinear (reduce, expand), got '
+                        f'{type(pair).__name__}')
+    if isinstance(pair, LowRankLinear):
+        return _merge_low_rank_linear(pair)
     reduce, expand = pair[0], pair[1]
     if expand.kernel_size != (1, 1) or expand.stride != (1, 1) or expand.groups != 1 \
             or reduce.groups != 1:
@@ -66,9 +93,9 @@ def merge_low_rank(pair: LowRankConv2d) -> nn.Conv2d:
     return conv.train(pair.training)
 
 
-def low_rank_layers(model: nn.Module) -> Dict[str, LowRankConv2d]:
-    """``{module name: LowRankConv2d}`` of ``model``, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankConv2d)}
+def low_rank_layers(model: nn.Module) -> Dict[str, nn.Sequential]:
+    """``{module name: LowRankConv2d or LowRankLinear}`` of ``model``, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
 
 
 def _run_example(model: nn.Module, example: Example) -> None:
@@ -128,13 +155,15 @@ def time_layer_pair(factorized: nn.Module, merged: nn.Module, input_shape: Tuple
                     threads: Optional[int] = None,
                     memory_format: str = 'contiguous') -> Tuple[float, float]:
     """Median latency (ms) of ``factorized`` and of ``merged`` on one random input of
-    ``input_shape`` (N, C, H, W), timed interleaved in ``runtime``; in eager PyTorch the
-    input has ``memory_format`` (the modules' weights should have it too)."""
+    ``input_shape`` ((N, C, H, W) for convs, e.g. (N, tokens, C) for linear layers), timed
+    interleaved in ``runtime``; in eager PyTorch a 4-D input has ``memory_format`` (the
+    modules' weights should have it too)."""
     _check_runtime(runtime, memory_format)
     param = next(factorized.parameters())
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(param)
     if runtime == 'torch':
-        x = x.contiguous(memory_format=check_memory_format(memory_format))
+        if x.dim() == 4:  # channels_last exists for 4-D tensors only
+            x = x.contiguous(memory_format=check_memory_format(memory_format))
         with torch_threads(threads), torch.no_grad():
             return tuple(interleaved_median_ms([lambda: factorized(x), lambda: merged(x)],
                                                repeats, warmup))
@@ -187,7 +216,7 @@ class LatencyMergeResult:
         where = self.runtime + (f' {self.memory_format}' if self.runtime == 'torch' else '')
         return (f'latency-aware merge ({where}, {self.threads} threads): '
                 f'{len(self.merged)} of {len(self.layers)} low-rank layers merged back into '
-                f'one conv (measured slower factorized), {kept} kept factorized')
+                f'one layer (measured slower factorized), {kept} kept factorized')
 
     def to_dict(self) -> dict:
         return dict(runtime=self.runtime, threads=self.threads, repeats=self.repeats,
@@ -201,10 +230,12 @@ def latency_aware_merge(model: nn.Module, example: Example, runtime: str = 'torc
                         threads: Optional[int] = None, confirm: bool = True,
                         inplace: bool = False,
                         memory_format: str = 'contiguous') -> LatencyMergeResult:
-    """Merge back every low-rank layer that is measured slower than its single-conv form.
+    """Merge back every low-rank layer that is measured slower than its single-conv (or single
+    linear layer) form.
 
     Args:
-        model: a compact model (any module holding :class:`LowRankConv2d` layers).
+        model: a compact model (any module holding :class:`LowRankConv2d` /
+            :class:`LowRankLinear` layers).
         example: one deployment-size forward: an input tensor (``model(example)``) or a
             callable ``example(model)``. Layers it does not call are left factorized.
         runtime: ``'torch'`` (eager) or ``'onnxruntime'`` (each layer exported alone).

@@ -36,13 +36,14 @@ class LRPETHook(Hook):
 
     Every ``interval`` epochs (``EpochBasedTrainLoop``) or iterations
     (``IterBasedTrainLoop``) the weight of each targeted conv, viewed as an
-    (n_out, n_in·kh·kw) matrix, is replaced by its best rank-k approximation; the kept
-    singular values are rescaled to preserve the Frobenius norm (energy transfer), and for a
-    conv followed by a BatchNorm the BN-folded weight is projected and the conv weight
-    recovered in closed form (BN rectification; by default inside the kept subspace, which
-    cannot kill a channel, see ``bn_recovery``). Between projections training runs as usual
-    on full-rank weights. A last projection at the end of training makes the saved weights
-    exactly low-rank, ready for ``tools/factorize.py``.
+    (n_out, n_in·kh·kw) matrix, and of each targeted linear layer ((out, in), e.g. a Swin
+    block's ``qkv`` / ``proj`` / FFN layers; never BN-rectified) is replaced by its best rank-k
+    approximation; the kept singular values are rescaled to preserve the Frobenius norm
+    (energy transfer), and for a conv followed by a BatchNorm the BN-folded weight is
+    projected and the conv weight recovered in closed form (BN rectification; by default
+    inside the kept subspace, which cannot kill a channel, see ``bn_recovery``). Between
+    projections training runs as usual on full-rank weights. A last projection at the end of
+    training makes the saved weights exactly low-rank, ready for ``tools/factorize.py``.
 
     Usage (mmdet or mmseg config)::
 
@@ -84,12 +85,14 @@ class LRPETHook(Hook):
         energy_transfer (bool): rescale the kept singular values. Defaults to True.
         bn_rectify (bool): BN rectification for convs followed by a BatchNorm.
             Defaults to True.
-        scope (str): dotted path of the submodule whose convs are projected ('' = the whole
-            model). Defaults to 'backbone'.
-        include (str | list[str], optional): regexes on full module names; only matching convs
-            in scope are projected. Each must match a conv. Defaults to None.
-        exclude (str | list[str], optional): regexes of convs to leave alone. Defaults to None.
-        frozen (str): convs whose weight does not require grad (frozen stages, e.g. mmdet's
+        scope (str): dotted path of the submodule whose convs and linear layers are projected
+            ('' = the whole model). Defaults to 'backbone'.
+        include (str | list[str], optional): regexes on full module names; only matching
+            layers in scope are projected. Each must match a conv or linear layer. Defaults to
+            None.
+        exclude (str | list[str], optional): regexes of layers to leave alone. Defaults to
+            None.
+        frozen (str): layers whose weight does not require grad (frozen stages, e.g. mmdet's
             ``frozen_stages=1``): 'skip' (logged; projecting them would truncate them once
             and they could never re-learn) or 'project'. Defaults to 'skip'.
         layer_ratios (dict[str, float], optional): ``{regex: rank_ratio}`` per-layer overrides,
@@ -101,7 +104,8 @@ class LRPETHook(Hook):
             Defaults to 1.
         unpaired (str): with ``bn_rectify``, what to do with a conv whose output no BatchNorm
             consumes: 'skip' (logged), 'project' (without BNR) or 'error'. A conv followed by a
-            GroupNorm/LayerNorm raises unless 'project'. Defaults to 'skip'.
+            GroupNorm/LayerNorm raises unless 'project'. Linear layers are always projected
+            without BNR, whatever this says. Defaults to 'skip'.
         bn_recovery (str): how BN rectification recovers the conv weight from the projected
             BN-folded weight ΓW: 'in_span' (W ← α·W·V_kV_kᵀ with V_k the kept right singular
             subspace of ΓW: Γ·W_new is exactly the energy-transferred projection, no ε, and a
@@ -270,7 +274,7 @@ class LRPETHook(Hook):
         self._resumed_bases = None
         params_before = sum(layer.params_before for layer in plan.layers.values())
         params_after = sum(layer.params_after for layer in plan.layers.values())
-        print_log(f'LRPET: {len(plan)} conv layers planned in {self.scope or "the model"!r} '
+        print_log(f'LRPET: {len(plan)} layers planned in {self.scope or "the model"!r} '
                   f'({len(plan.skipped)} left alone); their weights would go from '
                   f'{params_before} to {params_after} parameters after factorization',
                   logger='current')

@@ -68,8 +68,9 @@ def plan_ranks_for_flops(scope_module: nn.Module, scope: str, selection: TargetS
     """Choose ranks so the factorized scope module has (1 − r)× the FLOPs.
 
     With ``rank_allocation='uniform'`` one rank ratio for all targets, found by bisection on a
-    per-layer FLOPs model (each conv's counted FLOPs scale by k(m + n)/(m·n) when factorized;
-    a folded BN's FLOPs disappear); with ``'energy'`` per-layer ranks from
+    per-layer FLOPs model (each conv's or linear layer's counted FLOPs, tokens × in × out for a
+    linear layer, scale by k(m + n)/(m·n) when factorized; a folded BN's FLOPs disappear);
+    with ``'energy'`` per-layer ranks from
     :func:`~lrpet_mm.lowrank.ranks.allocate_ranks_by_energy` on the same model and the
     spectra of the BN-folded weights. Either way the factorized structure is then counted with
     ``mmengine.analysis`` and, if it misses the target by more than ``tolerance`` (relative to

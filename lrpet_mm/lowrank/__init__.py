@@ -1,12 +1,18 @@
 """Pure-PyTorch core of LRPET: projection, energy transfer, BN rectification, rank planning,
-target discovery, factorization into cascaded convs. Nothing here imports OpenMMLab packages."""
+target discovery (convs and linear layers), factorization into cascaded convs / linear layers.
+Nothing here imports OpenMMLab packages."""
 from .batchnorm import BN_RECOVERIES, BNR_EPS, bn_scale, is_batch_norm
 from .factorize import (
+    LOW_RANK_TYPES,
     ConvFactorization,
     FoldedConv,
     LowRankConv2d,
+    LowRankLinear,
     factorize_conv,
     factorize_conv_checked,
+    factorize_layer_checked,
+    factorize_linear,
+    factorize_linear_checked,
     fold_conv_bn,
     relative_rank_k_error,
 )
@@ -37,6 +43,7 @@ from .ranks import (
 )
 from .targets import (
     ConvTarget,
+    LayerTarget,
     TargetSelection,
     find_conv_norm_pairs,
     get_scope_module,
@@ -45,12 +52,13 @@ from .targets import (
 
 __all__ = [
     'BN_RECOVERIES', 'BNR_EPS', 'bn_scale', 'is_batch_norm', 'ConvFactorization', 'FoldedConv',
-    'LowRankConv2d', 'factorize_conv', 'factorize_conv_checked', 'fold_conv_bn',
+    'LOW_RANK_TYPES', 'LowRankConv2d', 'LowRankLinear', 'factorize_conv', 'factorize_conv_checked',
+    'factorize_layer_checked', 'factorize_linear', 'factorize_linear_checked', 'fold_conv_bn',
     'relative_rank_k_error', 'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError',
     'conv_weight_as_matrix', 'numerical_rank', 'project_low_rank', 'truncated_svd',
     'LowRankProjector', 'ProjectionStats', 'LayerRank', 'LayerSpectrum', 'RankPlan',
     'allocate_ranks_by_energy', 'allowed_ranks', 'check_rank_multiple', 'check_rank_ratio',
     'estimated_flops_removed', 'factorization_pays', 'normalized_energy_kept', 'plan_ranks',
-    'rank_for_ratio', 'rank_plan_from_ranks', 'ConvTarget', 'TargetSelection',
+    'rank_for_ratio', 'rank_plan_from_ranks', 'ConvTarget', 'LayerTarget', 'TargetSelection',
     'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
 ]

@@ -1,4 +1,5 @@
-"""Inference factorization: a rank-k conv (+ its BN, folded) becomes two cascaded convs.
+"""Inference factorization: a rank-k conv (+ its BN, folded) becomes two cascaded convs, a
+rank-k linear layer two cascaded linear layers.
 
 For a conv weight W (m = n_out, n = n_in·kh·kw) followed by a BN with scale a = γ/sqrt(v+eps),
 the folded weight is W' = diag(a)·W and the folded bias b' = β + a·(b − μ). With the thin SVD
@@ -8,7 +9,12 @@ W' ≈ U_k Σ_k V_kᵀ:
   dilation and padding mode, no bias;
 * second conv: 1×1, weight U_k Σ_k^{1/2} reshaped to (m, k, 1, 1), bias b'.
 
-Parameters go from m·n to k·(m + n).
+A linear layer with weight W (m = out, n = in) and thin SVD U_k Σ_k V_kᵀ becomes
+``nn.Linear(n, k, bias=False)`` with weight Σ_k^{1/2} V_kᵀ, then ``nn.Linear(k, m)`` with weight
+U_k Σ_k^{1/2} and the original bias (none if the original had none): :class:`LowRankLinear`,
+state-dict keys ``<name>.0.weight``, ``<name>.1.weight`` (and ``<name>.1.bias``).
+
+Parameters go from m·n to k·(m + n); so do the multiply-adds per output pixel or token.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -32,6 +38,24 @@ class LowRankConv2d(nn.Sequential):
         return self[0].out_channels
 
 
+class LowRankLinear(nn.Sequential):
+    """Two cascaded linear layers replacing one: ``reduce`` (in → k, no bias) then ``expand``
+    (k → out, the original bias).
+
+    A plain ``nn.Sequential`` subclass like :class:`LowRankConv2d`; state dict keys
+    ``<name>.0.weight``, ``<name>.1.weight`` and ``<name>.1.bias``. It applies to the last
+    dimension of any input, as ``nn.Linear`` does.
+    """
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_features
+
+
+#: The factorized pair types (convs and linear layers).
+LOW_RANK_TYPES = (LowRankConv2d, LowRankLinear)
+
+
 @dataclass
 class FoldedConv:
     """A conv's weight and bias with its BN folded in: weight (m, n_in, kh, kw), bias (m,)."""
@@ -50,7 +74,7 @@ def fold_conv_bn(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> FoldedCon
     a = bn_scale(norm).double()
     beta = norm.bias.detach().double() if getattr(norm, 'bias', None) is not None else 0.0
     mean = norm.running_mean.detach().double()
-    return FoldedConv(weight * a.reshape(-1, 1, 1, 1), beta + a * (bias - mean))
+    return FoldedConv(weight * a.reshape(-1, *[1] * (weight.dim() - 1)), beta + a * (bias - mean))
 
 
 @torch.no_grad()
@@ -69,8 +93,9 @@ def _tail_ratio(singular_values: Tensor, rank: int) -> float:
 
 @dataclass
 class ConvFactorization:
-    """A factorized conv and the relative rank-k error of the weight it was made from."""
-    pair: 'LowRankConv2d'
+    """A factorized conv (or linear layer) and the relative rank-k error of the weight it was
+    made from."""
+    pair: nn.Sequential
     relative_error: float
 
 
@@ -99,6 +124,52 @@ def factorize_conv_checked(conv: nn.Conv2d, rank: int,
     expand.weight.copy_((u * root).reshape(n_out, rank, 1, 1))
     expand.bias.copy_(folded.bias)
     return ConvFactorization(LowRankConv2d(reduce, expand), error)
+
+
+def _check_linear(linear: nn.Module, rank: int) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f'can only factorize an nn.Linear here, got {linear!r}')
+    if not 1 <= rank <= min(linear.out_features, linear.in_features):
+        raise ValueError(f'rank {rank} out of range for {linear!r}')
+
+
+@torch.no_grad()
+def factorize_linear_checked(linear: nn.Linear, rank: int) -> ConvFactorization:
+    """:func:`factorize_linear` plus the relative rank-k error, from one float64 SVD."""
+    _check_linear(linear, rank)
+    weight = linear.weight.detach().double()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    error = _tail_ratio(s, rank)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    root = s.sqrt()
+    factory = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+    reduce = nn.Linear(linear.in_features, rank, bias=False, **factory)
+    expand = nn.Linear(rank, linear.out_features, bias=linear.bias is not None, **factory)
+    reduce.weight.copy_(root[:, None] * vh)
+    expand.weight.copy_(u * root)
+    if linear.bias is not None:
+        expand.bias.copy_(linear.bias.detach())
+    return ConvFactorization(LowRankLinear(reduce, expand), error)
+
+
+def factorize_linear(linear: nn.Linear, rank: int) -> LowRankLinear:
+    """Replace ``linear`` by two cascaded linear layers of inner width ``rank`` (see the module
+    docstring): exact when its weight has rank <= ``rank``, the best rank-``rank``
+    approximation otherwise. Same dtype and device as ``linear``."""
+    return factorize_linear_checked(linear, rank).pair
+
+
+@torch.no_grad()
+def factorize_layer_checked(module: nn.Module, rank: int,
+                            norm: Optional[nn.Module] = None) -> ConvFactorization:
+    """:func:`factorize_conv_checked` for a conv, :func:`factorize_linear_checked` for a linear
+    layer (which takes no norm: a BatchNorm is never folded into a linear layer)."""
+    if isinstance(module, nn.Linear):
+        if norm is not None:
+            raise ValueError(f'cannot fold norm {type(norm).__name__} into linear layer '
+                             f'{module!r}: only conv + BatchNorm pairs are folded')
+        return factorize_linear_checked(module, rank)
+    return factorize_conv_checked(module, rank, norm)
 
 
 def factorize_conv(conv: nn.Conv2d, rank: int,
@@ -134,19 +205,41 @@ def empty_factorized_conv(conv: nn.Conv2d, rank: int) -> LowRankConv2d:
     return LowRankConv2d(reduce, expand)
 
 
+def empty_factorized_linear(linear: nn.Linear, rank: int) -> LowRankLinear:
+    """A :class:`LowRankLinear` with the geometry :func:`factorize_linear` gives ``linear``."""
+    _check_linear(linear, rank)
+    return LowRankLinear(nn.Linear(linear.in_features, rank, bias=False),
+                         nn.Linear(rank, linear.out_features, bias=linear.bias is not None))
+
+
+def empty_factorized_layer(module: nn.Module, rank: int) -> nn.Sequential:
+    """:func:`empty_factorized_linear` for a linear layer, :func:`empty_factorized_conv`
+    otherwise."""
+    if isinstance(module, nn.Linear):
+        return empty_factorized_linear(module, rank)
+    return empty_factorized_conv(module, rank)
+
+
 def apply_factorized_structure(module: nn.Module, ranks: Dict[str, int],
                                folded_norms: Optional[Dict[str, str]] = None) -> nn.Module:
-    """Swap convs for low-rank pairs and folded BNs for identities, in place; returns module."""
+    """Swap convs and linear layers for low-rank pairs and folded BNs for identities, in
+    place; returns module."""
+    linears = set()
     for name, rank in ranks.items():
         try:
-            conv = module.get_submodule(name)
+            layer = module.get_submodule(name)
         except AttributeError:
             raise KeyError(f'factorized layer {name!r} does not exist in '
                            f'{type(module).__name__}') from None
-        set_submodule(module, name, empty_factorized_conv(conv, int(rank)))
+        if isinstance(layer, nn.Linear):
+            linears.add(name)
+        set_submodule(module, name, empty_factorized_layer(layer, int(rank)))
     for conv_name, norm_name in (folded_norms or {}).items():
         if conv_name not in ranks:
             raise KeyError(f'folded norm {norm_name!r} belongs to {conv_name!r}, which is not '
                            'factorized')
+        if conv_name in linears:
+            raise ValueError(f'folded norm {norm_name!r} belongs to linear layer {conv_name!r}: '
+                             'only conv + BatchNorm pairs are folded')
         set_submodule(module, norm_name, nn.Identity())
     return module

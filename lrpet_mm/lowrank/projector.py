@@ -1,4 +1,5 @@
-"""Apply LRPET's projection (LRP + optional ET + optional BNR) to a model's targeted convs."""
+"""Apply LRPET's projection (LRP + optional ET + optional BNR) to a model's targeted convs and
+linear layers."""
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -47,10 +48,11 @@ class ProjectionStats:
 
 
 class LowRankProjector:
-    """Projects each target conv's weight onto its planned rank, in place.
+    """Projects each target's weight (a conv's (n_out, n_in·kh·kw) matrix or a linear layer's
+    (out, in) weight) onto its planned rank, in place.
 
-    For a target with BN rectification the BN-folded weight W' = ΓW (Γ = diag(a), a the BN
-    scale) is projected and the conv weight recovered as ``bn_recovery`` says; otherwise W
+    For a target with BN rectification (convs only) the BN-folded weight W' = ΓW (Γ = diag(a),
+    a the BN scale) is projected and the conv weight recovered as ``bn_recovery`` says; otherwise W
     itself is projected. Weights are overwritten with ``copy_`` so parameters, gradients and
     optimizer state keep their identity, shape, dtype and device.
 
@@ -72,7 +74,8 @@ class LowRankProjector:
     s = min(m, n)) are state: :meth:`basis_state` / :meth:`load_basis_state`.
 
     Args:
-        targets: the convs (see :func:`~lrpet_mm.lowrank.targets.select_targets`).
+        targets: the convs and linear layers (see
+            :func:`~lrpet_mm.lowrank.targets.select_targets`).
         plan: ranks; targets not in ``plan.layers`` are left alone.
         energy_transfer: rescale kept singular values to preserve ‖·‖_F. Defaults to True.
         bnr_eps: ε of eq. 16 (``bn_recovery='eq16'`` only). Defaults to 1e-5.

@@ -47,7 +47,8 @@ def rank_for_ratio(m: int, n: int, ratio: float, min_rank: int = 1,
 
 
 def factorization_pays(m: int, n: int, k: int) -> bool:
-    """True when two cascaded convs (k·(m + n) params) are smaller than the original (m·n)."""
+    """True when two cascaded convs or linear layers (k·(m + n) params) are smaller than the
+    original (m·n)."""
     return k * (m + n) < m * n
 
 

@@ -1,6 +1,11 @@
-"""Find the convs to project and pair each with the norm layer that consumes its output.
+"""Find the layers to project (plain convs and linear layers) and pair each conv with the norm
+layer that consumes its output.
 
-Pairing is structural, never by enumeration order:
+A plain ``nn.Linear`` (weight (out, in)) is projected like a conv's (m, n) matrix, with energy
+transfer but never with BN rectification: in transformers a LayerNorm *precedes* it (none
+consumes its output), so it is not subject to the ``unpaired`` policy either.
+
+Conv pairing is structural, never by enumeration order:
 
 * a module with a ``normX_name`` attribute naming a child (mmdet/mmseg ``ResNet``
   ``BasicBlock``/``Bottleneck`` and the non-deep ResNet stem) pairs child ``convX`` with it;
@@ -26,6 +31,13 @@ from .ranks import compile_patterns
 #: stays free of OpenMMLab imports.
 _PLAIN_CONV_TYPES = (nn.Conv2d, )
 _PLAIN_CONV_QUALNAMES = {'mmcv.cnn.bricks.wrappers.Conv2d'}
+#: Linear classes whose forward is ``F.linear(x, self.weight, self.bias)``: ``nn.Linear`` and
+#: mmcv's ``wrappers.Linear`` (empty-tensor support), the latter by qualified name.
+_PLAIN_LINEAR_TYPES = (nn.Linear, )
+_PLAIN_LINEAR_QUALNAMES = {'mmcv.cnn.bricks.wrappers.Linear'}
+#: ``nn.MultiheadAttention.out_proj``: its parent reads the weight directly (F.multi_head_
+#: attention_forward) and never calls its forward, so it cannot be replaced by a pair.
+_MHA_OUT_PROJ_QUALNAME = 'torch.nn.modules.linear.NonDynamicallyQuantizableLinear'
 
 UNPAIRED_POLICIES = ('skip', 'project', 'error')
 #: What :func:`select_targets` does with a conv whose weight does not require grad.
@@ -52,15 +64,58 @@ def is_conv_like(module: nn.Module) -> bool:
             and weight.dim() >= 3)
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or any subclass (so it gets a logged decision, not silence)."""
+    return isinstance(module, nn.Linear)
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """A layer :func:`select_targets` decides about: conv-like or linear-like."""
+    return is_conv_like(module) or is_linear_like(module)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``'linear'`` for a linear-like layer, ``'conv'`` otherwise."""
+    return 'linear' if is_linear_like(module) else 'conv'
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """The largest k with k·(m + n) < m·n (0 if none): the highest rank at which factorizing an
+    (m, n) matrix still saves parameters."""
+    return (m * n - 1) // (m + n)
+
+
+def grouped_conv_reason(module: nn.Module) -> str:
+    """Why a grouped conv is left alone, with its per-group matrix and break-even rank."""
+    groups = module.groups
+    m = module.weight.shape[0] // groups  # out / groups
+    n = module.weight[0].numel()  # in / groups · kh · kw
+    k_max = break_even_rank(m, n)
+    pays = (f'factorizing a group at rank k saves parameters only when k·(m + n) < m·n, i.e. '
+            f'k <= {k_max} here' if k_max >= 1 else 'no rank saves parameters here')
+    return (f'grouped conv (groups={groups}): each group is a separate (out/groups) x '
+            f'(in/groups·kh·kw) = {m} x {n} matrix of rank <= {min(m, n)}; {pays}; '
+            'per-group factorization is not implemented')
+
+
 def unsupported_reason(module: nn.Module) -> Optional[str]:
-    """Why a conv-like module cannot be projected, or None if it can."""
+    """Why a conv-like or linear-like module cannot be projected, or None if it can."""
+    if is_linear_like(module):
+        if type(module) in _PLAIN_LINEAR_TYPES or _qualname(module) in _PLAIN_LINEAR_QUALNAMES:
+            return None
+        if _qualname(module) == _MHA_OUT_PROJ_QUALNAME:
+            return ('out_proj of nn.MultiheadAttention: the attention reads its weight directly '
+                    'and never calls its forward, so it cannot be factorized')
+        return (f'linear subclass {type(module).__name__} may transform its weight in forward '
+                '(e.g. weight normalization); only plain nn.Linear is projected')
     if not (type(module) in _PLAIN_CONV_TYPES or _qualname(module) in _PLAIN_CONV_QUALNAMES):
         if isinstance(module, nn.Conv2d):
             return (f'conv subclass {type(module).__name__} may transform its weight in '
                     'forward (e.g. weight standardization); only plain Conv2d is projected')
-        return f'unsupported layer type {type(module).__name__} (only plain Conv2d is projected)'
+        return (f'unsupported layer type {type(module).__name__} (only plain Conv2d and '
+                'nn.Linear are projected)')
     if module.groups != 1:
-        return f'grouped conv (groups={module.groups}) is not supported'
+        return grouped_conv_reason(module)
     return None
 
 
@@ -106,14 +161,16 @@ def _channels_match(conv: nn.Module, norm: nn.Module) -> bool:
 
 @dataclass
 class ConvTarget:
-    """A conv to project.
+    """A layer to project: a conv or a linear layer.
 
     Attributes:
         name: module name relative to the model.
-        conv: the ``nn.Conv2d``; its weight (n_out, n_in, kh, kw) is projected in place.
-        norm_name: name of the BatchNorm consuming its output, or None.
+        conv: the ``nn.Conv2d`` (weight (n_out, n_in, kh, kw)) or ``nn.Linear`` (weight
+            (out, in)); its weight is projected in place.
+        norm_name: name of the BatchNorm consuming its output, or None (always None for a
+            linear layer).
         norm: that BatchNorm, or None.
-        rectify: whether BN rectification is applied (True only with a paired BN).
+        rectify: whether BN rectification is applied (True only for a conv with a paired BN).
     """
     name: str
     conv: nn.Module
@@ -126,10 +183,24 @@ class ConvTarget:
         weight = self.conv.weight
         return weight.shape[0], weight[0].numel()
 
+    @property
+    def kind(self) -> str:
+        """``'conv'`` or ``'linear'``."""
+        return layer_kind(self.conv)
+
+    @property
+    def module(self) -> nn.Module:
+        """The projected layer (same as :attr:`conv`)."""
+        return self.conv
+
+
+#: A projection target of either kind (the historical name :class:`ConvTarget` is kept).
+LayerTarget = ConvTarget
+
 
 @dataclass
 class TargetSelection:
-    """Result of :func:`select_targets`: the targets (model order) and the skipped convs with
+    """Result of :func:`select_targets`: the targets (model order) and the skipped layers with
     the reason for each."""
     targets: List[ConvTarget]
     skipped: Dict[str, str]
@@ -169,21 +240,26 @@ def select_targets(model: nn.Module,
                    exclude: Union[None, str, Sequence[str]] = None,
                    bn_rectify: bool = True,
                    unpaired: str = 'skip', frozen: str = 'skip') -> TargetSelection:
-    """Choose the convs to project and their BNs.
+    """Choose the layers to project (plain convs with ``groups=1`` and plain linear layers)
+    and the BNs of the convs.
+
+    A linear layer is never BN-rectified (``rectify=False``) and is not subject to
+    ``unpaired``; include / exclude / ``frozen`` apply to it as to convs.
 
     Args:
         model: the (unwrapped) model.
         scope: dotted path of the submodule to search ('' or None: the whole model).
             Defaults to ``'backbone'``.
         include: regexes (``re.search`` on the full module name); if given, only matching
-            convs in scope are considered. Each pattern must match a conv in scope.
-        exclude: regexes removing convs; each must match a conv in scope.
+            layers in scope are considered. Each pattern must match a conv or linear layer in
+            scope.
+        exclude: regexes removing layers; each must match a conv or linear layer in scope.
         bn_rectify: apply BN rectification to convs paired with a BatchNorm.
         unpaired: what to do, with ``bn_rectify=True``, with a conv whose output no BatchNorm
             consumes: ``'skip'`` (default; logged in ``skipped``), ``'project'`` (without BNR)
             or ``'error'``. A conv followed by a non-BN norm (GroupNorm, LayerNorm) raises an
             error unless ``unpaired='project'``.
-        frozen: what to do with a conv whose weight does not require grad (a frozen stage,
+        frozen: what to do with a layer whose weight does not require grad (a frozen stage,
             e.g. mmdet's ``frozen_stages=1``): ``'skip'`` (default; logged in ``skipped``:
             projecting it would truncate it once and it could never re-learn) or
             ``'project'``.
@@ -200,15 +276,15 @@ def select_targets(model: nn.Module,
     scope_module = get_scope_module(model, scope)
     prefix = f'{scope}.' if scope else ''
     candidates = [(prefix + name if name else scope or '', module)
-                  for name, module in scope_module.named_modules() if is_conv_like(module)]
+                  for name, module in scope_module.named_modules() if is_candidate(module)]
     if not candidates:
-        raise ValueError(f'no conv layer found in scope {scope!r}')
+        raise ValueError(f'no conv or linear layer found in scope {scope!r}')
     names = [name for name, _ in candidates]
     for what, patterns in (('include', include), ('exclude', exclude)):
         for p in patterns:
             if not any(re.search(p, name) for name in names):
-                raise ValueError(f'{what} pattern {p!r} matches no conv in scope {scope!r} '
-                                 f'(e.g. {names[:4]})')
+                raise ValueError(f'{what} pattern {p!r} matches no conv or linear layer in '
+                                 f'scope {scope!r} (e.g. {names[:4]})')
 
     pairs = find_conv_norm_pairs(model)
     targets: List[ConvTarget] = []
@@ -226,6 +302,9 @@ def select_targets(model: nn.Module,
         if frozen == 'skip' and not conv.weight.requires_grad:
             skipped[name] = ("frozen (its weight does not require grad; frozen='project' "
                              'projects it anyway)')
+            continue
+        if is_linear_like(conv):  # no BN rectification: a LayerNorm precedes, none follows
+            targets.append(ConvTarget(name, conv, None, None, rectify=False))
             continue
         norm_name = pairs.get(name)
         norm = model.get_submodule(norm_name) if norm_name else None
@@ -254,6 +333,6 @@ def select_targets(model: nn.Module,
             continue
         targets.append(ConvTarget(name, conv, None, None, rectify=False))
     if not targets:
-        raise ValueError(f'no conv to project in scope {scope!r} after include/exclude; '
-                         f'skipped: {skipped}')
+        raise ValueError(f'no conv or linear layer to project in scope {scope!r} after '
+                         f'include/exclude; skipped: {skipped}')
     return TargetSelection(targets, skipped)

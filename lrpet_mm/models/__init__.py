@@ -1,9 +1,11 @@
 """The compact model: the registered ``LRPETFactorized`` builder, factorization of a trained
-model / checkpoint into cascaded low-rank convs, and decompose-then-finetune (LRA)."""
+model / checkpoint into cascaded low-rank convs / linear layers, and decompose-then-finetune
+(LRA)."""
 from .compact_model import (
     CompactModel,
     FactorizedLayer,
     NotLowRankError,
+    describe_layers,
     factorize_model,
     measure_rank_errors,
     planned_layers,
@@ -24,7 +26,8 @@ from .factorize_checkpoint import (
 )
 from .factorized_module import LRPETFactorized
 
-__all__ = ['CompactModel', 'FactorizedLayer', 'NotLowRankError', 'factorize_model',
+__all__ = ['CompactModel', 'FactorizedLayer', 'NotLowRankError', 'describe_layers',
+           'factorize_model',
            'measure_rank_errors', 'planned_layers', 'LRPETFactorized', 'FactorizeOutput',
            'build_model_from_config', 'compact_config', 'factorize_checkpoint', 'load_config',
            'DecomposedLayer', 'DecomposedModel', 'components_of', 'decompose_model',

@@ -1,4 +1,5 @@
-"""Turn a model whose projected convs are exactly low-rank into the compact model."""
+"""Turn a model whose projected convs / linear layers are exactly low-rank into the compact
+model."""
 import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -8,7 +9,8 @@ from torch import nn
 
 from ..lowrank import RankPlan, find_conv_norm_pairs, relative_rank_k_error
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import factorize_conv_checked, set_submodule
+from ..lowrank.factorize import factorize_layer_checked, set_submodule
+from ..lowrank.targets import layer_kind
 
 
 class NotLowRankError(ValueError):
@@ -17,18 +19,21 @@ class NotLowRankError(ValueError):
 
 @dataclass
 class FactorizedLayer:
-    """One conv replaced by a low-rank pair.
+    """One conv or linear layer replaced by a low-rank pair.
 
     Attributes:
         name: module name in the model.
         rank: k.
-        folded_norm: name of the BN folded into the pair, or None.
+        folded_norm: name of the BN folded into the pair, or None (always None for a linear
+            layer).
         relative_error: ‖W' − P_k(W')‖_F / ‖W'‖_F of the (BN-folded) weight before factorizing.
+        kind: ``'conv'`` or ``'linear'``.
     """
     name: str
     rank: int
     folded_norm: Optional[str]
     relative_error: float
+    kind: str = 'conv'
 
 
 @dataclass
@@ -46,22 +51,36 @@ class CompactModel:
     components: Dict[str, dict] = field(default_factory=dict)
 
 
+def describe_layers(layers: List[FactorizedLayer]) -> str:
+    """``'20 convs'``, ``'24 linear layers'`` or ``'1 conv and 24 linear layers'``."""
+    convs = sum(1 for layer in layers if layer.kind == 'conv')
+    linears = len(layers) - convs
+    parts = []
+    if convs or not linears:
+        parts.append(f'{convs} conv{"" if convs == 1 else "s"}')
+    if linears:
+        parts.append(f'{linears} linear layer{"" if linears == 1 else "s"}')
+    return ' and '.join(parts)
+
+
 def planned_layers(model: nn.Module, plan: RankPlan) -> List[FactorizedLayer]:
     """Each planned conv with the BN to fold into it (found by structure; only a BN with
-    running stats is folded). ``relative_error`` is NaN until measured."""
+    running stats is folded), and each planned linear layer (nothing folded).
+    ``relative_error`` is NaN until measured."""
     pairs = find_conv_norm_pairs(model)
     layers = []
     for layer in plan.layers.values():
         try:
-            model.get_submodule(layer.name)
+            module = model.get_submodule(layer.name)
         except AttributeError:
             raise KeyError(f'the rank plan names {layer.name!r}, which the model does not '
                            'have (config/checkpoint mismatch?)') from None
-        norm_name = pairs.get(layer.name)
+        kind = layer_kind(module)
+        norm_name = pairs.get(layer.name) if kind == 'conv' else None
         norm = model.get_submodule(norm_name) if norm_name else None
         if norm is not None and not (is_batch_norm(norm) and has_running_stats(norm)):
             norm_name = None
-        layers.append(FactorizedLayer(layer.name, layer.rank, norm_name, float('nan')))
+        layers.append(FactorizedLayer(layer.name, layer.rank, norm_name, float('nan'), kind))
     return layers
 
 
@@ -78,7 +97,8 @@ def measure_rank_errors(model: nn.Module, plan: RankPlan) -> List[FactorizedLaye
 @torch.no_grad()
 def factorize_model(model: nn.Module, plan: RankPlan, tol: float = 1e-3,
                     force: bool = False) -> CompactModel:
-    """Factorize every planned conv (BN folded) of ``model`` into two cascaded convs.
+    """Factorize every planned conv (BN folded) of ``model`` into two cascaded convs, and
+    every planned linear layer into two cascaded linear layers.
 
     Args:
         model: the projected model (its weights are left untouched: a deep copy is modified).
@@ -96,7 +116,7 @@ def factorize_model(model: nn.Module, plan: RankPlan, tol: float = 1e-3,
     for layer in layers:  # one SVD per layer gives both the error and the factors
         conv = compact.get_submodule(layer.name)
         norm = compact.get_submodule(layer.folded_norm) if layer.folded_norm else None
-        result = factorize_conv_checked(conv, layer.rank, norm)
+        result = factorize_layer_checked(conv, layer.rank, norm)
         layer.relative_error = result.relative_error
         pairs[layer.name] = result.pair
     bad = [layer for layer in layers if layer.relative_error > tol]

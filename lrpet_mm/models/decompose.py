@@ -8,10 +8,11 @@ scratch, which the quality benchmark compares with LRPET:
 * :func:`decompose_model` replaces each planned conv (weight W viewed as an
   (n_out, n_in·kh·kw) matrix) by two cascaded convs carrying its best rank-k approximation
   U_k Σ_k V_kᵀ (Eckart–Young; first conv Σ_k^{1/2} V_kᵀ with the original stride / padding /
-  dilation, second conv 1×1 U_k Σ_k^{1/2}). The BatchNorm after the conv is **kept** (not
-  folded), so the decomposed model trains (fine-tunes) like the original, BN included. Unlike
-  :func:`~lrpet_mm.models.factorize_model` it does not require the weights to be low-rank
-  already: the truncation error is the point, and is reported per layer.
+  dilation, second conv 1×1 U_k Σ_k^{1/2}); a planned linear layer likewise becomes two
+  linear layers (:class:`~lrpet_mm.lowrank.LowRankLinear`). The BatchNorm after the conv is
+  **kept** (not folded), so the decomposed model trains (fine-tunes) like the original, BN
+  included. Unlike :func:`~lrpet_mm.models.factorize_model` it does not require the weights to
+  be low-rank already: the truncation error is the point, and is reported per layer.
 * :func:`fold_factorized_norms` folds each kept BN (eval statistics) into the 1×1 conv of its
   factorized pair and replaces the BN by ``nn.Identity``: the result has exactly the
   structure :func:`~lrpet_mm.models.factorize_model` gives an LRPET-trained model
@@ -26,7 +27,13 @@ from torch import nn
 
 from ..lowrank import RankPlan
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import LowRankConv2d, factorize_conv_checked, fold_conv_bn, set_submodule
+from ..lowrank.factorize import (
+    LOW_RANK_TYPES,
+    LowRankConv2d,
+    factorize_layer_checked,
+    fold_conv_bn,
+    set_submodule,
+)
 from .compact_model import CompactModel, FactorizedLayer, planned_layers
 
 __all__ = ['DecomposedLayer', 'DecomposedModel', 'decompose_model', 'fold_factorized_norms',
@@ -112,7 +119,7 @@ def decompose_model(model: nn.Module, plan: RankPlan) -> DecomposedModel:
     pairs = {}
     for layer in plan.layers.values():
         conv = decomposed.get_submodule(layer.name)
-        factorized = factorize_conv_checked(conv, layer.rank, None)
+        factorized = factorize_layer_checked(conv, layer.rank, None)
         pairs[layer.name] = factorized.pair.train(conv.training)
         result.layers.append(
             DecomposedLayer(layer.name, layer.rank, factorized.relative_error,
@@ -142,12 +149,16 @@ def fold_factorized_norms(model: nn.Module, norms: Mapping[str, str],
     """
     compact = copy.deepcopy(model) if copy_model else model
     compact.eval()
-    ranks = {name: module.rank for name, module in compact.named_modules()
-             if isinstance(module, LowRankConv2d)}
+    pairs = {name: module for name, module in compact.named_modules()
+             if isinstance(module, LOW_RANK_TYPES)}
+    ranks = {name: module.rank for name, module in pairs.items()}
     layers = []
     for conv_name, norm_name in norms.items():
         if conv_name not in ranks:
             raise KeyError(f'{conv_name!r} is not a factorized pair (LowRankConv2d) in the model')
+        if not isinstance(pairs[conv_name], LowRankConv2d):
+            raise ValueError(f'{conv_name!r} is a factorized linear layer (LowRankLinear): only '
+                             'BatchNorms after factorized convs can be folded')
         norm = compact.get_submodule(norm_name)
         if not (is_batch_norm(norm) and has_running_stats(norm)):
             raise ValueError(f'{norm_name!r} is not a BatchNorm with running statistics '
@@ -166,5 +177,6 @@ def fold_factorized_norms(model: nn.Module, norms: Mapping[str, str],
     folded_names = {layer.name for layer in layers}
     for name, rank in ranks.items():
         if name not in folded_names:
-            layers.append(FactorizedLayer(name, rank, None, 0.0))
+            kind = 'conv' if isinstance(pairs[name], LowRankConv2d) else 'linear'
+            layers.append(FactorizedLayer(name, rank, None, 0.0, kind))
     return CompactModel(compact, layers, components_of(ranks, dict(norms)))

@@ -9,8 +9,9 @@ that held projected convs) is::
          folded_norms={'layer1.0.conv1': 'layer1.0.bn1', ...})
 
 Building it builds the original component (in the current default scope, so mmdet's or mmseg's
-``ResNet``), then replaces each listed conv by an (uninitialized) :class:`LowRankConv2d` of the
-given rank and each folded BN by ``nn.Identity``. The compact checkpoint's keys
+``ResNet`` or ``SwinTransformer``), then replaces each listed conv by an (uninitialized)
+:class:`LowRankConv2d` of the given rank, each listed linear layer by a :class:`LowRankLinear`,
+and each folded BN by ``nn.Identity``. The compact checkpoint's keys
 (``<conv>.0.weight``, ``<conv>.1.weight``, ``<conv>.1.bias``) then match exactly, so the
 upstream ``tools/test.py`` loads and evaluates it with no user code.
 """

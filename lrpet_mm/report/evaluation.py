@@ -3,7 +3,6 @@ import contextlib
 import copy
 import io
 import logging
-import numbers
 import os
 import sys
 import uuid
@@ -11,14 +10,12 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-import numpy as np
-import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.utils import ProgressBar
 
-from ..utils.values import error_text
+from ..utils.values import error_text, metric_values
 
 PathLike = Union[str, os.PathLike]
 PRIMARY_METRICS = ('pascal_voc/mAP', 'coco/bbox_mAP', 'mIoU')
@@ -128,7 +125,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: PathLike, work_dir: PathLike,
         raise EvaluationError(
             f'the test loop of checkpoint {os.fspath(checkpoint)!r} failed (test data_root '
             f'{data_root!r}, log in {os.fspath(work_dir)!r}): {error_text(e, 1000)}') from e
-    return {k: _to_float(v) for k, v in metrics.items()}
+    return metric_values(metrics)
 
 
 @contextlib.contextmanager
@@ -136,15 +133,6 @@ def _quiet_to_stderr():
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter('ignore')
         yield
-
-
-def _to_float(value):
-    """Metric values as Python floats (evaluators return numpy scalars)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) and np.size(value) == 1:
-        return float(value)  # 0-d arrays / tensors
-    return value
 
 
 def primary_metric(metrics: Dict[str, float]) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..engine.checkpoint_meta import rank_plan_from_checkpoint
 from ..engine.input_shape import resolve_input_shape
-from ..lowrank import LowRankConv2d, bn_scale, find_conv_norm_pairs
+from ..lowrank import LowRankConv2d, LowRankLinear, bn_scale, find_conv_norm_pairs
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
 from ..utils.atomic import atomic_path, check_writable_dir
 from ..utils.values import finite_or_none
@@ -50,11 +50,23 @@ def _conv_geometry(conv: nn.Conv2d) -> tuple:
             tuple(conv.padding), tuple(conv.dilation))
 
 
+def _matches_original(layer: Optional[nn.Module], pair: nn.Module) -> bool:
+    """Whether ``layer`` of the original model has the geometry of the factorized ``pair``."""
+    reduce, expand = pair[0], pair[1]
+    if isinstance(pair, LowRankLinear):
+        return isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) == (
+            reduce.in_features, expand.out_features)
+    return isinstance(layer, nn.Conv2d) and _conv_geometry(layer) == (
+        reduce.in_channels, expand.out_channels, tuple(reduce.kernel_size),
+        tuple(reduce.stride), tuple(reduce.padding), tuple(reduce.dilation))
+
+
 def factorized_layers(original: nn.Module, compact: nn.Module, checkpoint: dict,
                       where: str) -> List[dict]:
-    """Each factorized conv of ``compact`` (model order) with its kept and full rank.
+    """Each factorized conv or linear layer of ``compact`` (model order) with its kept and full
+    rank and its ``kind`` (``'conv'`` / ``'linear'``).
 
-    Checks that the original model has a matching conv at every factorized name.
+    Checks that the original model has a matching layer at every factorized name.
     """
     try:
         plan = rank_plan_from_checkpoint(checkpoint)
@@ -63,21 +75,19 @@ def factorized_layers(original: nn.Module, compact: nn.Module, checkpoint: dict,
     pairs = find_conv_norm_pairs(original)
     layers = []
     for name, module in compact.named_modules():
-        if not isinstance(module, LowRankConv2d):
+        if not isinstance(module, (LowRankConv2d, LowRankLinear)):
             continue
+        kind = 'linear' if isinstance(module, LowRankLinear) else 'conv'
         try:
             conv = original.get_submodule(name)
         except AttributeError:
             conv = None
-        reduce, expand = module[0], module[1]
-        if not isinstance(conv, nn.Conv2d) or _conv_geometry(conv) != (
-                reduce.in_channels, expand.out_channels, tuple(reduce.kernel_size),
-                tuple(reduce.stride), tuple(reduce.padding), tuple(reduce.dilation)):
+        if not _matches_original(conv, module):
             raise ValueError(f'{where}: the compact model factorizes {name!r}, which has no '
-                             'conv of the same geometry in the original model (config / '
+                             f'{kind} of the same geometry in the original model (config / '
                              'low-rank config mismatch?)')
-        m, n = conv.out_channels, conv.weight[0].numel()
-        norm_name = pairs.get(name)
+        m, n = conv.weight.shape[0], conv.weight[0].numel()
+        norm_name = pairs.get(name) if kind == 'conv' else None
         folded = False
         if norm_name is not None:
             try:
@@ -85,19 +95,19 @@ def factorized_layers(original: nn.Module, compact: nn.Module, checkpoint: dict,
             except AttributeError:
                 folded = False
         layers.append(dict(
-            name=name, rank=int(module.rank), full_rank=min(m, n), out_features=m,
+            name=name, kind=kind, rank=int(module.rank), full_rank=min(m, n), out_features=m,
             in_features=n, planned_rank=(plan.rank_of(name) if plan is not None
                                          and name in plan else None),
             folded_norm=norm_name if folded else None))
     if not layers:
-        raise ValueError(f'{where}: the low-rank model has no factorized convs; is it the '
-                         'output of tools/factorize.py (LRPETFactorized)?')
+        raise ValueError(f'{where}: the low-rank model has no factorized convs or linear '
+                         'layers; is it the output of tools/factorize.py (LRPETFactorized)?')
     return layers
 
 
 @torch.no_grad()
 def weight_spectrum(original: nn.Module, name: str, norm_name: Optional[str]) -> List[float]:
-    """Singular values (descending) of conv ``name``'s weight as an (m, n) matrix, with the BN
+    """Singular values (descending) of layer ``name``'s weight as an (m, n) matrix, with the BN
     ``norm_name`` folded in (the matrix LRPET projects), in float64."""
     conv = original.get_submodule(name)
     weight = conv.weight.detach().double().reshape(conv.weight.shape[0], -1)

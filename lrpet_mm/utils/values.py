@@ -1,5 +1,10 @@
 """Small value helpers shared by the report, the tools and the benchmarks."""
 import math
+import numbers
+from typing import Dict
+
+import numpy as np
+import torch
 
 
 def error_text(e: BaseException, limit: int = 300) -> str:
@@ -20,3 +25,16 @@ def finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def metric_values(metrics: Dict[str, object]) -> Dict[str, object]:
+    """Metric values as Python floats where they are numbers (evaluators return numpy scalars,
+    0-d arrays or one-element tensors); other values unchanged."""
+    def to_float(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) and np.size(value) == 1:
+            return float(value)
+        return value
+
+    return {k: to_float(v) for k, v in metrics.items()}
