@@ -9,7 +9,7 @@ LRPETHook plans it, its planned convs are given exactly rank k and it is factori
 interleaved (median of ``--repeats`` runs after 2 warm-ups) on a fixed standard-normal input of
 the padded test size. Writes benchmarks/results/deploy.{json,md}.
 
-    python benchmarks/bench_deploy.py [--threads 2]   # ~4 min on 2 CPU cores
+    python benchmarks/bench_deploy.py [--threads 2]   # ~2 min on a quiet 2-core CPU
     python benchmarks/bench_deploy.py --quick         # toy R-18 models at small sizes, ~1 min
 """
 import argparse
