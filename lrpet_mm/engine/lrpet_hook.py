@@ -412,7 +412,7 @@ class LRPETHook(Hook):
         if self.plan is None:
             return
         state = self.state_dict()
-        bases = self.projector.bases if self.projector is not None else {}
+        bases = None  # the projector's own
         state['weights'] = 'training'
         if self._val_backup is not None:
             if 'optimizer' in checkpoint:
@@ -425,8 +425,7 @@ class LRPETHook(Hook):
                 state['weights'] = 'projected'
         checkpoint.setdefault('meta', {})[META_KEY] = state
         if self.warm_start:
-            checkpoint[BASES_KEY] = {name: basis.detach().cpu().clone()
-                                     for name, basis in bases.items()}
+            checkpoint[BASES_KEY] = self.projector.basis_state(bases)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Keep the stored plan, schedule position and bases for :meth:`before_train` (the

@@ -182,9 +182,12 @@ class LowRankProjector:
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def basis_state(self) -> Dict[str, Tensor]:
-        """``{layer: (s, k) basis}`` of the last projection of each layer (CPU copies)."""
-        return {name: basis.detach().cpu().clone() for name, basis in self.bases.items()}
+    def basis_state(self, bases: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+        """``{layer: (s, k) basis}`` of the last projection of each layer (CPU copies); of
+        ``bases`` instead when given (e.g. those kept aside during a validation-time
+        projection)."""
+        bases = self.bases if bases is None else bases
+        return {name: basis.detach().cpu().clone() for name, basis in bases.items()}
 
     def load_basis_state(self, state: Dict[str, Tensor]) -> List[str]:
         """Adopt saved bases; returns the names that were dropped (not a planned layer, wrong
