@@ -17,7 +17,7 @@ ALLOWED = {
     'workarounds': {'engine'},
     'datasets': set(),
     'engine': {'lowrank', 'utils'},
-    'models': {'lowrank', 'engine', 'utils'},
+    'models': {'lowrank', 'engine', 'utils', 'datasets'},
     'report': {'lowrank', 'engine', 'models', 'utils'},
     'deploy': {'lowrank', 'engine', 'models', 'utils'},
 }
