@@ -113,21 +113,25 @@ def check_results(results: dict, settings: q.BenchSettings, task_key: str,
     assert len(same) == 1
     assert set(task['comparisons']) == set(rows) - {'lrpet'}
     for comparison in task['comparisons'].values():
-        assert comparison['n'] == len(settings.seeds) and comparison['ci95'] is not None
+        assert comparison['n'] == len(settings.seeds)
+        assert (comparison['ci95'] is not None) == (len(settings.seeds) > 1)
     assert set(task['latency']['rows']) == set(rows)
     assert all(ms > 0 for ms in task['latency']['rows'].values())
     assert 0 < task['prune_ratio'] < 1
     return task
 
 
-def test_quick_run_of_every_row_with_paired_seeds(tmp_path: Path) -> None:
+def test_quick_run_of_every_row(tmp_path: Path) -> None:
+    """Every row of the segmentation task, one seed (the paired statistics over two seeds
+    are checked by the detection run below, to keep the suite short)."""
     script = load_repo_script('benchmarks/bench_quality.py', 'bench_quality')
     out = tmp_path / 'out'
-    code = script.main(['--quick', '--tasks', 'seg', '--work-dir', str(tmp_path / 'work'),
-                        '--out-dir', str(out), '--cache-dir', str(tmp_path / 'cache')])
+    code = script.main(['--quick', '--tasks', 'seg', '--seeds', '1', '--work-dir',
+                        str(tmp_path / 'work'), '--out-dir', str(out), '--cache-dir',
+                        str(tmp_path / 'cache')])
     assert code == 0
     results = json.loads((out / 'quality_seg.json').read_text())
-    settings = q.default_settings(quick=True, tasks=['seg'])
+    settings = q.default_settings(quick=True, tasks=['seg'], seeds=1)
     check_results(results, settings, 'seg')
     pre = results['pretrained']
     assert Path(pre['file']).parent.parent == tmp_path / 'cache' and not pre['cached']
@@ -136,8 +140,8 @@ def test_quick_run_of_every_row_with_paired_seeds(tmp_path: Path) -> None:
     for row in q.ROWS:
         assert f'| {row.label} |' in text
     assert '95 % CI' in text and 'Quick mode' in text
-    # the same seed gives every row the same starting point and data: the baseline of a
-    # seed is reproduced exactly by a second run of that row alone
+    # a seed fixes the starting point and the data order: the baseline of seed 0 is
+    # reproduced exactly by a second run of that row alone
     code = script.main(['--quick', '--tasks', 'seg', '--rows', 'baseline', '--seeds', '1',
                         '--work-dir', str(tmp_path / 'work2'), '--out-dir', str(tmp_path / 'o2'),
                         '--cache-dir', str(tmp_path / 'cache')])
