@@ -3,15 +3,19 @@
 
 ResNet-50 backbone and whole Faster R-CNN (configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py,
 −50 % backbone FLOPs) and whole PSPNet R50-D8 (configs/lrpet/pspnet_*.py, −30 %), random weights
-made exactly low-rank at the planner's ranks; at 3x512x512 and 3x800x1333; PyTorch eager and
-onnxruntime (eager in NCHW and in channels_last); original / factorized / latency-merged, timed
+made exactly low-rank at the planner's ranks; original / factorized / latency-merged, timed
 interleaved; median of N runs after warm-up; freed memory retained by the allocator unless
---allocator default. Prints a Markdown table and writes benchmarks/results/inference.{json,md}.
+--allocator default. At 3x512x512 and 3x800x1333: the backbone in PyTorch eager (NCHW and
+channels_last) and onnxruntime, the whole models' eager tensor forward. At each config's test
+size: the whole deployed model, mmdeploy's end-to-end ONNX (NMS / RoI head in the graph) in
+ONNX Runtime, as tools/deploy.py writes it. Prints a Markdown table and writes
+benchmarks/results/inference.{json,md}.
 
-    python benchmarks/bench_inference.py --threads 2   # full run (~28 min on the 2-core dev
+    python benchmarks/bench_inference.py --threads 2   # full run (~30 min on the 2-core dev
                                                        # machine)
-    python benchmarks/bench_inference.py --quick       # backbone only, 3x224x224 (< 1 min);
-                                                       # writes work_dirs/bench_inference/quick/
+    python benchmarks/bench_inference.py --quick       # toy R-18 configs at 3x128x128 (~1-2
+                                                       # min); writes
+                                                       # work_dirs/bench_inference/quick/
 
 The logic is in ``benchlib.inference``. Exit status 2 on bad arguments.
 """
@@ -30,21 +34,25 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--quick', action='store_true',
-                        help='backbone only, one input (3x224x224), 3 repeats')
+                        help='toy R-18 configs, one input (3x128x128), NCHW only, 2 repeats')
     parser.add_argument('--threads', type=int, default=None,
                         help='intra-op threads for PyTorch and onnxruntime (default: all cores)')
     parser.add_argument('--repeats', type=int, default=None,
-                        help='timed runs per measurement (default 5; 3 with --quick)')
+                        help='timed runs per measurement (default 5; 2 with --quick)')
     parser.add_argument('--warmup', type=int, default=None, help='untimed runs first (default 1)')
     parser.add_argument('--merge-repeats', type=int, default=None,
-                        help='timed runs per layer in the latency-aware merge (default 5; 3 '
+                        help='timed runs per layer in the latency-aware merge (default 5; 2 '
                              'with --quick)')
     parser.add_argument('--merge-margin', type=float, default=None,
                         help='merge a layer when factorized > (1 + margin) x merged time '
                              '(default 0.05)')
     parser.add_argument('--inputs', nargs='+', default=None, metavar='HxW',
-                        help='input sizes (default 512x512 800x1333; --quick: 224x224)')
+                        help='input sizes of the eager and backbone rows (default 512x512 '
+                             '800x1333; --quick: 128x128); the deployed rows run at the '
+                             "configs' test sizes")
     parser.add_argument('--no-onnx', action='store_true', help='eager PyTorch only')
+    parser.add_argument('--no-deploy', action='store_true',
+                        help='skip the mmdeploy end-to-end rows of the whole models')
     parser.add_argument('--no-segmentor', action='store_true', help='skip PSPNet')
     parser.add_argument('--layouts', nargs='+', default=None,
                         choices=('contiguous', 'channels_last'),
@@ -78,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             merge_repeats=args.merge_repeats, merge_margin=args.merge_margin,
             shapes=parse_sizes(args.inputs) if args.inputs else None,
             onnx=False if args.no_onnx else None,
+            deploy=False if args.no_deploy else None,
             segmentor=False if args.no_segmentor else None,
             layouts=tuple(args.layouts) if args.layouts else None, allocator=args.allocator)
     except ValueError as e:

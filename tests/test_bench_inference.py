@@ -1,5 +1,9 @@
-"""benchmarks/bench_inference.py's bookkeeping (no timing here: speed lives in benchmarks/):
-P3 is judged against the planned FLOPs ratio, the table shows it, bad arguments are refused."""
+"""benchmarks/bench_inference.py's bookkeeping (no timing asserted: speed lives in
+benchmarks/): P3 is judged against the planned FLOPs ratio, the table shows it, bad arguments
+are refused, and a quick run times every kind of row, the whole detector as mmdeploy deploys
+it included."""
+import json
+
 import pytest
 
 from benchlib.inference import default_settings, make_rows, markdown
@@ -66,4 +70,36 @@ def test_bad_benchmark_arguments_are_refused(capsys):
     assert exited.value.code == 2
     assert "invalid choice: 'nhwc'" in capsys.readouterr().err
     quick = default_settings(quick=True)
-    assert quick.shapes == ((3, 224, 224), ) and not quick.segmentor
+    assert quick.shapes == ((3, 128, 128), ) and quick.layouts == ('contiguous', )
+
+
+def test_quick_run_times_backbone_eager_and_the_deployed_whole_detector(tmp_path):
+    script = load_repo_script('benchmarks/bench_inference.py', 'bench_inference')
+    out = tmp_path / 'inference'
+    assert script.main(['--quick', '--no-segmentor', '--repeats', '1', '--merge-repeats', '1',
+                        '--threads', '2', '--out', str(out)]) == 0
+    result = json.loads(out.with_suffix('.json').read_text())
+    kinds = {(r['model'], r['runtime'], r['input']) for r in result['rows']}
+    assert kinds == {
+        ('ResNet-18 backbone', 'torch', '3x128x128'),
+        ('ResNet-18 backbone', 'onnxruntime', '3x128x128'),
+        ('Faster R-CNN R18 whole (tensor forward)', 'torch', '3x128x128'),
+        # the toy config's test size 128x160, already a multiple of its pad divisor 32
+        ('Faster R-CNN R18 whole (mmdeploy end2end)', 'onnxruntime', '3x128x160')}
+    for row in result['rows']:
+        assert row['original_ms'] > 0 and row['compact_ms'] > 0
+        assert row['speedup'] == pytest.approx(row['original_ms'] / row['compact_ms'])
+        assert (row['p3'] is not None) == (row['model'] == 'ResNet-18 backbone')
+        assert row['low_rank_layers'] == (20 if row['variant'] == 'factorized'
+                                          else 20 - row['merged_layers'])
+    deployed = [r for r in result['rows'] if 'mmdeploy' in r['model']]
+    assert [r['variant'] for r in deployed] == ['factorized', 'latency-merged']
+    assert deployed[0]['flops_ratio'] > 1.0  # planned -50 % backbone FLOPs, whole model less
+    sizes = {o['model']: o for o in result['onnx_sizes']}
+    whole = sizes['Faster R-CNN R18 whole (mmdeploy end2end)']
+    assert whole['factorized_bytes'] < whole['original_bytes']
+    assert sizes['ResNet-18 backbone']['factorized_bytes'] < 0.6 * sizes[
+        'ResNet-18 backbone']['original_bytes']
+    assert [m['runtime'] for m in result['merges']] == ['torch', 'onnxruntime', 'onnxruntime']
+    table = out.with_suffix('.md').read_text()
+    assert '| Faster R-CNN R18 whole (mmdeploy end2end) | 3x128x160 | onnxruntime |' in table

@@ -1,7 +1,9 @@
-"""ONNX export of compact models (tools/export_onnx.py, lrpet_mm.deploy): onnxruntime reproduces
-PyTorch, the file shrinks with the factorization, the latency-aware merge is exact, and bad
+"""ONNX export of compact backbones (tools/export_onnx.py, lrpet_mm.deploy): onnxruntime
+reproduces PyTorch, the file shrinks with the factorization, the latency-aware merge is exact,
+the parts that moved to tools/deploy.py (mmdeploy) are refused with a pointer there, and bad
 inputs give clear errors. Toy R18 configs with random weights projected low-rank (no
 training), small inputs."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,9 @@ import lrpet_mm  # noqa: F401
 from benchlib.synthetic import synthetic_compact_model
 from helpers import CONFIG_DIR, DET_TOY, SEG_TOY, load_repo_script
 from lrpet_mm.deploy import (
+    PARTS,
     OnnxMismatchError,
-    StaticAdaptiveAvgPool2d,
+    check_part,
     export_onnx,
     export_wrapper,
     fold_batchnorms,
@@ -34,7 +37,7 @@ from lrpet_mm.models import compact_config
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / 'tools' / 'export_onnx.py'
 DET_SHAPE = (3, 64, 96)  # non-square: a swapped H/W would show
-SEG_SHAPE = (3, 64, 80)  # 8x10 features at 1/8: pyramid bins 3 and 6 do not divide them
+SEG_SHAPE = (3, 64, 80)
 TOL = 1e-4
 
 
@@ -57,31 +60,42 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> list:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})
 
 
-def torch_outputs(model: nn.Module, part: str, shape, x: torch.Tensor) -> list:
-    wrapper = export_wrapper(model, part, shape)
+def torch_outputs(model: nn.Module, shape, x: torch.Tensor) -> list:
+    """The backbone's feature maps, as export_onnx's graph gives them."""
+    wrapper = export_wrapper(model, 'backbone', shape)
     with torch.no_grad():
         out = wrapper(x)
-    return [t.numpy() for t in (out if isinstance(out, tuple) else (out, ))]
+    assert isinstance(out, tuple)
+    return [t.numpy() for t in out]
+
+
+def seg_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    hw = tuple(x.shape[-2:])
+    metas = [dict(img_shape=hw, ori_shape=hw, pad_shape=hw, batch_input_shape=hw)]
+    with torch.no_grad():
+        return model.encode_decode(x, metas)
 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize('which,part,shape', [
-    ('det', 'backbone', DET_SHAPE),
-    ('det', 'detector-features', DET_SHAPE),
-    ('seg', 'segmentor', SEG_SHAPE),
-])
-def test_compact_onnx_reproduces_the_original_model_and_is_smaller(request, tmp_path, which,
-                                                                    part, shape):
+@pytest.mark.parametrize('which,shape', [('det', DET_SHAPE), ('seg', SEG_SHAPE)])
+def test_compact_backbone_onnx_reproduces_the_original_and_is_smaller(request, tmp_path, which,
+                                                                      shape):
     synthetic = request.getfixturevalue(which)
     files = {}
     for name, model in (('original', synthetic.original), ('compact', synthetic.compact.model)):
-        result = export_onnx(model, part, shape, tmp_path / f'{name}.onnx', threads=1)
+        result = export_onnx(model, 'backbone', shape, tmp_path / f'{name}.onnx', threads=1)
         assert result.check is not None and result.check.passed
         assert result.check.max_error <= TOL
         assert result.path.is_file() and result.size_bytes == result.path.stat().st_size
+        assert result.part == 'backbone' and result.input_shape == shape
+        # ResNet-18 with out_indices (0, 1, 2, 3): four feature maps
+        assert result.output_names == [f'backbone_{i}' for i in range(4)]
+        assert set(result.to_dict()) == {'path', 'size_bytes', 'part', 'input_shape',
+                                         'output_names', 'check', 'merge', 'low_rank_layers'}
+        assert result.to_dict()['check']['passed'] is True
         files[name] = result
     assert files['compact'].low_rank_layers == len(synthetic.plan) > 0
     assert files['original'].low_rank_layers == 0
@@ -90,14 +104,12 @@ def test_compact_onnx_reproduces_the_original_model_and_is_smaller(request, tmp_
     # *original* (projected, unfactorized) PyTorch model, output by output
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(123))
     got = onnx_outputs(files['compact'].path, x)
-    expected = torch_outputs(synthetic.original, part, shape, x)
+    expected = torch_outputs(synthetic.original, shape, x)
     assert len(got) == len(expected) == len(files['compact'].output_names)
     for g, e in zip(got, expected):
         assert g.shape == e.shape
         assert max_normalized_error(g, e) <= TOL
-    if part == 'segmentor':
-        assert got[0].shape == (1, 21, shape[1], shape[2])
-        assert files['compact'].swapped_pools  # PSPNet's 3x3 and 6x6 bins on 8x10 features
+    assert got[0].shape[-2:] == (shape[1] // 4, shape[2] // 4)  # the stem's stride 4
 
     # the file shrinks by the removed parameters (float32 initializers, BN folded in both)
     saved_bytes = files['original'].size_bytes - files['compact'].size_bytes
@@ -233,41 +245,83 @@ def test_fold_batchnorms_keeps_outputs_and_removes_every_paired_bn(seg):
     assert names and all(type(folded.get_submodule(n)) is nn.Identity for n in names)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.backbone.modules())
     assert isinstance(model.get_submodule(names[0]), nn.BatchNorm2d)  # input untouched
+    # the whole segmentor (backbone and the PSP / auxiliary heads' ConvModules) is folded
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(1, *SEG_SHAPE)
-    expected = torch_outputs(model, 'segmentor', SEG_SHAPE, x)[0]
-    got = torch_outputs(folded, 'segmentor', SEG_SHAPE, x)[0]
-    assert max_normalized_error(got, expected) < 1e-5
+    expected = seg_logits(model, x)
+    got = seg_logits(folded, x)
+    assert got.shape == (1, 21, SEG_SHAPE[1], SEG_SHAPE[2])
+    assert max_normalized_error(got.numpy(), expected.numpy()) < 1e-5
 
 
-def test_static_adaptive_pool_equals_adaptive_avg_pool():
-    x = torch.randn(2, 3, 11, 17)
-    for size in ((3, 6), (6, 6), (4, 1), (11, 17)):
-        pool = StaticAdaptiveAvgPool2d(size, (11, 17))
-        expected = nn.AdaptiveAvgPool2d(size)(x)
-        assert torch.allclose(pool(x), expected, atol=1e-6)
-    with pytest.raises(ValueError, match=r'built for \(11, 17\)'):
-        pool(torch.randn(1, 3, 12, 17))
-
-
-def test_cli_exports_a_compact_segmentor_with_the_merge_and_checks_it(seg, tmp_path):
+def test_cli_exports_the_compact_backbone_by_default_with_the_merge_and_checks_it(seg,
+                                                                                  tmp_path):
     cfg = compact_config(toy_config(SEG_TOY), seg.compact)
     config, checkpoint = tmp_path / 'compact.py', tmp_path / 'compact.pth'
     cfg.dump(str(config))
     torch.save(dict(state_dict=seg.compact.model.state_dict()), checkpoint)
-    out = tmp_path / 'onnx' / 'seg.onnx'
-    proc = subprocess.run(
-        [sys.executable, str(EXPORT), str(config), str(checkpoint), '--part', 'segmentor',
+    out = tmp_path / 'onnx' / 'seg_backbone.onnx'
+    proc = subprocess.run(  # no --part: the backbone is the default
+        [sys.executable, str(EXPORT), str(config), str(checkpoint),
          '--input-shape', *map(str, SEG_SHAPE), '--out', str(out), '--merge-repeats', '2',
          '--threads', '1'], capture_output=True, text=True, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    c, h, w = SEG_SHAPE
+    assert f'exported backbone at 1x{c}x{h}x{w} to {out}' in proc.stdout
     assert f'ONNX file size: {out.stat().st_size / 2**20:.2f} MiB' in proc.stdout
-    assert 'latency-aware merge (onnxruntime, 1 threads):' in proc.stdout
+    merge = re.search(r'latency-aware merge \(onnxruntime, 1 threads\): (\d+) of (\d+) '
+                      r'low-rank layers merged back into one layer .*, (\d+) kept factorized',
+                      proc.stdout)
+    assert merge, proc.stdout
+    merged, total, kept = map(int, merge.groups())
+    assert total == len(seg.plan) and merged + kept == total
+    assert f'low-rank layers in the graph: {kept}\n' in proc.stdout
     assert 'onnxruntime check passed: max relative error' in proc.stdout
-    assert [p.name for p in out.parent.iterdir()] == ['seg.onnx']  # no temporary left
+    assert 'adaptive pools' not in proc.stdout
+    assert [p.name for p in out.parent.iterdir()] == ['seg_backbone.onnx']  # no temporary left
     x = torch.randn(1, *SEG_SHAPE, generator=torch.Generator().manual_seed(7))
-    got = onnx_outputs(out, x)[0]
-    expected = torch_outputs(seg.original, 'segmentor', SEG_SHAPE, x)[0]
-    assert max_normalized_error(got, expected) <= TOL
+    got = onnx_outputs(out, x)
+    expected = torch_outputs(seg.original, SEG_SHAPE, x)
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        assert max_normalized_error(g, e) <= TOL
+
+
+@pytest.mark.parametrize('part', ['segmentor', 'detector-features'])
+def test_removed_parts_are_refused_with_a_pointer_to_tools_deploy(det, seg, tmp_path, part):
+    assert PARTS == ('backbone', )
+    message = (rf"part '{part}' is no longer exported here: deploy the whole segmentor / "
+               r'detector with tools/deploy.py \(mmdeploy\); this exporter writes the backbone '
+               r'only \(choose one of: backbone\)')
+    with pytest.raises(ValueError, match=message):
+        check_part(part)
+    for model in (det.compact.model, seg.compact.model):
+        with pytest.raises(ValueError, match=message):
+            export_onnx(model, part, SEG_SHAPE, tmp_path / 'x.onnx', threads=1)
+        with pytest.raises(ValueError, match=message):
+            export_wrapper(model, part, SEG_SHAPE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_removed_part_with_exit_status_2_and_writes_nothing(tmp_path):
+    # a valid config and a checkpoint that does not match it: the part is refused before
+    # the model is built or loaded
+    ckpt = tmp_path / 'seg.pth'
+    torch.save(dict(state_dict={}), ckpt)
+    out = tmp_path / 'onnx' / 'x.onnx'
+    proc = subprocess.run(
+        [sys.executable, str(EXPORT), str(CONFIG_DIR / f'{SEG_TOY}.py'), str(ckpt),
+         '--part', 'detector-features', '--out', str(out)],
+        capture_output=True, text=True, cwd=str(REPO))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("error: part 'detector-features' is no longer exported here: deploy the whole "
+            'segmentor / detector with tools/deploy.py (mmdeploy); this exporter writes the '
+            'backbone only (choose one of: backbone)') in proc.stderr
+    assert 'Traceback' not in proc.stderr and 'invalid choice' not in proc.stderr
+    assert proc.stdout == ''
+    assert not out.exists() and not out.parent.exists()
+    assert list(tmp_path.iterdir()) == [ckpt]
 
 
 def test_failed_check_raises_and_writes_nothing(det, tmp_path):
@@ -290,34 +344,36 @@ def test_bad_inputs_give_clear_errors(det, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "nope.py' does not exist" in error(
-        [str(tmp_path / 'nope.py'), str(ckpt), '--part', 'backbone', *out])
+        [str(tmp_path / 'nope.py'), str(ckpt), *out])
     assert "missing.pth' does not exist" in error(
         [str(config), str(tmp_path / 'missing.pth'), '--part', 'backbone', *out])
     assert 'does not match the config\'s model: missing keys' in error(
-        [str(config), str(ckpt), '--part', 'backbone', *out])
+        [str(config), str(ckpt), *out])
     assert 'error: input shape must be three positive integers (C, H, W), got [3, 0, 64]' in \
-        error([str(config), str(ckpt), '--part', 'backbone', '--input-shape', '3', '0', '64',
-               *out])
+        error([str(config), str(ckpt), '--input-shape', '3', '0', '64', *out])
+    assert "error: unknown part 'neck'; choose one of backbone\n" in error(
+        [str(config), str(ckpt), '--part', 'neck', *out])
+    assert "error: part 'segmentor' is no longer exported here: deploy the whole segmentor / " \
+        'detector with tools/deploy.py (mmdeploy)' in error(
+            [str(config), str(ckpt), '--part', 'segmentor', *out])
     with pytest.raises(SystemExit) as exit_info:
-        tool.main([str(config), str(ckpt), '--part', 'neck', *out])
+        tool.main([str(config), str(ckpt)])  # --out is still required
     assert exit_info.value.code == 2
-    assert "invalid choice: 'neck'" in capsys.readouterr().err
+    assert 'the following arguments are required: --out' in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tool.main([str(config), str(ckpt), '--part', 'backbone', '--input-shape', '3', 'x',
-                   '64', *out])
+        tool.main([str(config), str(ckpt), '--input-shape', '3', 'x', '64', *out])
     assert "argument --input-shape: invalid int value: 'x'" in capsys.readouterr().err
 
     model = det.compact.model
-    with pytest.raises(ValueError, match=r"unknown part 'neck'; choose one of backbone, "
-                                         r'segmentor, detector-features'):
+    with pytest.raises(ValueError, match=r"unknown part 'neck'; choose one of backbone$"):
         export_onnx(model, 'neck', DET_SHAPE, tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r'input shape must be three positive integers '
                                          r'\(C, H, W\), got \(3, 0, 64\)'):
         export_onnx(model, 'backbone', (3, 0, 64), tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r'got \(3, 64\)'):
         export_onnx(model, 'backbone', (3, 64), tmp_path / 'x.onnx')
-    with pytest.raises(ValueError, match=r"part 'segmentor' needs an mmseg segmentor"):
-        export_onnx(model, 'segmentor', DET_SHAPE, tmp_path / 'x.onnx')
+    with pytest.raises(ValueError, match=r"part 'backbone': Linear has no backbone"):
+        export_onnx(nn.Linear(2, 2), 'backbone', DET_SHAPE, tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r"output file '.*x.pt' must end in .onnx"):
         export_onnx(model, 'backbone', DET_SHAPE, tmp_path / 'x.pt')
     assert list(tmp_path.iterdir()) == [ckpt]

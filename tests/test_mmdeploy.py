@@ -1,6 +1,7 @@
 """tools/deploy.py: the whole compact detector / segmentor deployed with mmdeploy (end-to-end
 ONNX, ONNX Runtime with mmdeploy's custom ops) reproduces the PyTorch compact model."""
 import contextlib
+import copy
 import io
 from pathlib import Path
 
@@ -10,7 +11,14 @@ from mmdet.structures.bbox import bbox_overlaps
 from mmengine.config import Config
 
 from helpers import load_repo_script
+from lrpet_mm.deploy import low_rank_layers, merge_low_rank
+from lrpet_mm.deploy.merged_checkpoint import (
+    latency_merge_checkpoint,
+    merged_config,
+    write_merged_checkpoint,
+)
 from lrpet_mm.deploy.mmdeploy_export import backend_model, deploy_config
+from lrpet_mm.lowrank.factorize import apply_factorized_structure, set_submodule
 from lrpet_mm.models import factorize_checkpoint
 from lrpet_mm.models.factorize_checkpoint import load_config, load_model_and_checkpoint
 from lrpet_mm.report import evaluate_checkpoint
@@ -60,8 +68,11 @@ def seg_compact(seg_lrpet_run, tmp_path_factory):
 def test_whole_compact_detector_is_deployed_and_reproduced_by_onnx_runtime(det_compact,
                                                                           tmp_path):
     config, checkpoint = det_compact
-    code, stdout, stderr = deploy(config, checkpoint, tmp_path / 'deploy', '--test')
+    code, stdout, stderr = deploy(config, checkpoint, tmp_path / 'deploy', '--test',
+                                  '--no-latency-aware')
     assert code == 0, stderr[-3000:]
+    assert 'latency-aware merge' not in stdout
+    assert not list((tmp_path / 'deploy').glob('*_merged.*'))
     onnx_file, deploy_file = tmp_path / 'deploy' / 'end2end.onnx', tmp_path / 'deploy' / \
         'deploy_cfg.py'
     assert onnx_file.is_file() and deploy_file.is_file()
@@ -96,11 +107,26 @@ def test_whole_compact_detector_is_deployed_and_reproduced_by_onnx_runtime(det_c
 
 def test_whole_compact_segmentor_is_deployed_and_reproduced_by_onnx_runtime(seg_compact,
                                                                            tmp_path):
+    # latency-aware merge on (the default): the exported model is the merged pair written
+    # beside the ONNX file; the reference stays the compact model as factorize wrote it
     config, checkpoint = seg_compact
-    code, stdout, stderr = deploy(config, checkpoint, tmp_path / 'deploy', '--test')
+    code, stdout, stderr = deploy(config, checkpoint, tmp_path / 'deploy', '--test',
+                                  '--merge-repeats', 3, '--threads', 1)
     assert code == 0, stderr[-3000:]
     deploy_dir = tmp_path / 'deploy'
-    processor, ort_model = backend_model(config, deploy_dir / 'end2end.onnx',
+    assert 'latency-aware merge (onnxruntime, 1 threads)' in stdout
+    merged_config = deploy_dir / f'{config.stem}_merged.py'
+    merged_checkpoint = deploy_dir / f'{config.stem}_merged.pth'
+    assert f'merged config:     {merged_config}' in stdout
+    merge_meta = torch.load(merged_checkpoint, map_location='cpu',
+                            weights_only=False)['meta']['lrpet_latency_merge']
+    spec = Config.fromfile(str(merged_config)).model.backbone
+    factorized = load_config(config).model.backbone.ranks
+    assert set(spec.ranks) | set(spec.get('merged', [])) == set(factorized)
+    assert sorted(spec.get('merged', [])) == sorted(
+        n.partition('.')[2] for n in merge_meta['merged'])
+    assert len(merge_meta['layers']) + len(merge_meta['not_called']) == len(factorized)
+    processor, ort_model = backend_model(merged_config, deploy_dir / 'end2end.onnx',
                                          deploy_dir / 'deploy_cfg.py')
     torch_model, _ = load_model_and_checkpoint(load_config(config), checkpoint, config)
     agree = pixels = 0
@@ -133,3 +159,43 @@ def test_tensorrt_deploy_config_and_bad_inputs(seg_compact, tmp_path):
     assert not (tmp_path / 'y' / 'end2end.onnx').exists()
     with pytest.raises(ValueError, match="default_scope 'mmpretrain'"):
         deploy_config(Config(dict(default_scope='mmpretrain')))
+
+
+def test_merged_pair_rebuilds_with_dense_layers_and_reproduces_the_compact_model(seg_compact,
+                                                                                 tmp_path):
+    """Every low-rank layer merged (the deterministic extreme of the latency-aware merge): the
+    written config builds dense convs with bias where the pairs were, the checkpoint loads
+    with every key matched, and the outputs equal the compact model's."""
+    config, checkpoint = seg_compact
+    cfg = load_config(config)
+    compact, ckpt = load_model_and_checkpoint(cfg, checkpoint, config)
+    merged = copy.deepcopy(compact)
+    names = list(low_rank_layers(merged))
+    for name in names:
+        set_submodule(merged, name, merge_low_rank(merged.get_submodule(name)))
+    cfg_path, ckpt_path = write_merged_checkpoint(cfg, merged, names, dict(ckpt['meta']),
+                                                  tmp_path, 'toy')
+    assert (cfg_path.name, ckpt_path.name) == ('toy_merged.py', 'toy_merged.pth')
+    spec = Config.fromfile(str(cfg_path)).model.backbone
+    assert spec.ranks == {} and sorted(spec.merged) == sorted(n.partition('.')[2] for n in names)
+    rebuilt, _ = load_model_and_checkpoint(load_config(cfg_path), ckpt_path, cfg_path)
+    assert not low_rank_layers(rebuilt)
+    conv = rebuilt.get_submodule(names[0])
+    assert type(conv) is torch.nn.Conv2d and conv.bias is not None
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = compact.extract_feat(x)[-1], rebuilt.extract_feat(x)[-1]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+    with pytest.raises(KeyError, match="merged layer 'backbone.nope' is not a factorized"):
+        merged_config(cfg, ['backbone.nope'])
+    with pytest.raises(ValueError, match='both as factorized'):
+        apply_factorized_structure(copy.deepcopy(compact.backbone), {'layer1.0.conv1': 2},
+                                   merged=['layer1.0.conv1'])
+
+
+def test_latency_merge_refuses_a_model_without_low_rank_layers(seg_lrpet_run, tmp_path):
+    config, checkpoint = seg_lrpet_run
+    with pytest.raises(ValueError, match='builds no low-rank layer'):
+        latency_merge_checkpoint(config, checkpoint, tmp_path)
+    assert not list(tmp_path.iterdir())

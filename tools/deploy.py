@@ -9,10 +9,20 @@ example:
 writes DEPLOY_DIR/end2end.onnx and DEPLOY_DIR/deploy_cfg.py (reusable with mmdeploy's own tools;
 with --backend tensorrt its deploy config builds a TensorRT engine on a GPU machine). --test
 runs the config's test loop on the deployed model in ONNX Runtime and prints its metrics.
+
+Latency-aware merge (--backend onnxruntime, on by default for a compact model): each low-rank
+layer is timed in ONNX Runtime on this machine, at the deployment input size, against the one
+dense layer it factorizes; those measured slower factorized are merged back first, and the
+model that is exported is written as DEPLOY_DIR/<name>_merged.py / .pth (the config and
+checkpoint to use with the ONNX file in mmdeploy's tools). Run it on the CPU you deploy to;
+--no-latency-aware exports the compact pair as it is.
 """
 import sys
 
+from lrpet_mm.deploy.latency import low_rank_layers
+from lrpet_mm.deploy.merged_checkpoint import latency_merge_checkpoint
 from lrpet_mm.deploy.mmdeploy_export import BACKENDS, deploy_model, evaluate_deployed
+from lrpet_mm.models.factorize_checkpoint import build_model_from_config, load_config
 from lrpet_mm.utils.cli import add_cfg_options, add_input_shape, run_tool, tool_parser
 
 
@@ -25,13 +35,28 @@ def parse_args(argv=None):
     parser.add_argument('--backend', choices=BACKENDS, default='onnxruntime',
                         help='inference backend the deploy config is for (default: '
                              '%(default)s)')
-    add_input_shape(parser, 'image size the export is traced at, and the TensorRT optimal '
-                    'shape (default: from the config)')
+    add_input_shape(parser, 'image size the export is traced at, the latency-aware merge is '
+                    'timed at, and the TensorRT optimal shape (default: from the config)')
     parser.add_argument('--test', action='store_true',
                         help='evaluate the deployed model (ONNX Runtime) with the config\'s '
                              'test loop; logs in WORK_DIR/test')
+    parser.add_argument('--no-latency-aware', action='store_true',
+                        help='keep every low-rank layer factorized (no timing, no merge)')
+    parser.add_argument('--merge-margin', type=float, default=0.05,
+                        help='merge a layer when factorized > (1 + margin) x merged time '
+                             '(default: %(default)s)')
+    parser.add_argument('--merge-repeats', type=int, default=10,
+                        help='timed runs per layer (median, after 2 warm-up runs; default: '
+                             '%(default)s)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='ONNX Runtime threads for the merge timing (default: all cores)')
     add_cfg_options(parser)
     return parser.parse_args(argv)
+
+
+def has_low_rank_layers(config, cfg_options) -> bool:
+    """Whether the config builds a compact model (no weights loaded: structure only)."""
+    return bool(low_rank_layers(build_model_from_config(load_config(config, cfg_options))))
 
 
 def main(argv=None) -> int:
@@ -41,12 +66,29 @@ def main(argv=None) -> int:
         if args.test and args.backend != 'onnxruntime':
             raise ValueError('--test runs the deployed model in ONNX Runtime: use '
                              '--backend onnxruntime')
-        paths = deploy_model(args.config, args.checkpoint, args.work_dir, args.backend,
+        config, checkpoint = args.config, args.checkpoint
+        if args.no_latency_aware:
+            pass
+        elif args.backend != 'onnxruntime':
+            print('latency-aware merge skipped: it is timed in ONNX Runtime on this CPU, not '
+                  f'in {args.backend}')
+        elif not has_low_rank_layers(config, args.cfg_options):
+            print('latency-aware merge skipped: the model has no low-rank layer')
+        else:
+            merged = latency_merge_checkpoint(
+                config, checkpoint, args.work_dir, args.input_shape,
+                cfg_options=args.cfg_options, repeats=args.merge_repeats,
+                margin=args.merge_margin, threads=args.threads)
+            print(merged.merge.summary())
+            print(f'merged config:     {merged.config_path}')
+            print(f'merged checkpoint: {merged.checkpoint_path}')
+            config, checkpoint = merged.config_path, merged.checkpoint_path
+        paths = deploy_model(config, checkpoint, args.work_dir, args.backend,
                              args.cfg_options, args.input_shape)
         print(f'onnx:          {paths["onnx"]}')
         print(f'deploy config: {paths["deploy_cfg"]}')
         if args.test:
-            metrics = evaluate_deployed(args.config, paths['onnx'], paths['deploy_cfg'],
+            metrics = evaluate_deployed(config, paths['onnx'], paths['deploy_cfg'],
                                         f'{args.work_dir}/test', args.cfg_options)
             for name, value in metrics.items():
                 print(f'{name}: {value:.4f}' if isinstance(value, float) else f'{name}: {value}')

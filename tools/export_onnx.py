@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Export a compact (or original) model to ONNX and check it against PyTorch in onnxruntime.
+"""Export the backbone of a compact (or original) model to ONNX (latency studies) and check
+it against PyTorch in onnxruntime.
 
 example:
-    python tools/export_onnx.py CONFIG CHECKPOINT --part backbone|segmentor|detector-features \
-        --out FILE.onnx [--input-shape C H W] [--no-latency-aware] [--no-check]
+    python tools/export_onnx.py CONFIG CHECKPOINT --out FILE.onnx \
+        [--part backbone] [--input-shape C H W] [--no-latency-aware] [--no-check]
 
 CONFIG/CHECKPOINT: tools/factorize.py's *_lowrank.py / *_lowrank.pth, or an original pair.
+Only the backbone is exported (--part backbone, the default). Deploy the whole detector /
+segmentor (post-processing included) with tools/deploy.py (mmdeploy).
 By default low-rank layers measured slower (onnxruntime, this machine, this input size) than
 their merged single conv (or linear layer) are merged back first (--no-latency-aware keeps all
 factorized).
@@ -16,6 +19,7 @@ from lrpet_mm.deploy import (
     PARTS,
     OnnxMismatchError,
     check_onnx_path,
+    check_part,
     export_onnx,
     format_size,
     load_model,
@@ -28,7 +32,11 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument('config', help='model config (e.g. tools/factorize.py\'s *_lowrank.py)')
     parser.add_argument('checkpoint', help='checkpoint matching the config')
-    parser.add_argument('--part', required=True, choices=PARTS, help='what to export')
+    # validated by check_part (not argparse choices): a removed part gets a pointer to
+    # tools/deploy.py, exit status 2
+    parser.add_argument('--part', default='backbone',
+                        help=f'what to export: {" | ".join(PARTS)} (default: backbone); the '
+                        'whole detector / segmentor is deployed with tools/deploy.py')
     parser.add_argument('--out', required=True, help='output .onnx file')
     add_input_shape(parser, 'fixed input shape of the graph (batch 1); default from the '
                     'config (mmseg crop_size, else the test Resize scale)')
@@ -58,7 +66,8 @@ def main(argv=None) -> int:
 
 
 def export(args) -> int:
-    check_onnx_path(args.out)  # cheap checks before building the model
+    check_part(args.part)  # cheap checks before building the model
+    check_onnx_path(args.out)
     if args.input_shape is not None:
         check_input_shape(args.input_shape)
     model, cfg = load_model(args.config, args.checkpoint, args.cfg_options)
@@ -74,8 +83,6 @@ def export(args) -> int:
     print(f'low-rank layers in the graph: {result.low_rank_layers}')
     if result.merge is not None:
         print(result.merge.summary())
-    if result.swapped_pools:
-        print(f'adaptive pools exported as fixed-size matmuls: {", ".join(result.swapped_pools)}')
     print(result.check.summary() if result.check is not None else 'onnxruntime check skipped')
     return 0
 

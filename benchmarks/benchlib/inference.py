@@ -6,23 +6,32 @@ convs get exactly rank-k weights at the ranks the project's planner picks for th
 model is factorized exactly.
 
 * ResNet-50 backbone of ``configs/lrpet/faster-rcnn_r50_fpn_lrpet_1x_voc0712.py`` (−50 %
-  backbone FLOPs);
-* the whole Faster R-CNN: eager tensor forward (``model._forward``: backbone, FPN, RPN with
-  its NMS off so the RoI head always gets ``max_per_img`` = 1000 proposals, RoI head), and the
-  exportable ``detector-features`` part (backbone + FPN + RPN head convs) in eager and
-  onnxruntime;
+  backbone FLOPs): eager PyTorch and onnxruntime (``lrpet_mm.deploy.export_onnx``, the
+  backbone alone), at each of ``shapes``;
+* the whole Faster R-CNN: eager tensor forward (``model._forward``: backbone, FPN, RPN with its
+  NMS off so the RoI head always gets ``max_per_img`` = 1000 proposals, RoI head) at each of
+  ``shapes``; and the model as users deploy it: mmdeploy's end-to-end ONNX (RPN, RoI head
+  and NMS in the graph, :func:`lrpet_mm.deploy.mmdeploy_export.deploy_model`) in ONNX Runtime
+  with mmdeploy's custom ops, at the config's test size padded like its data preprocessor
+  (608×1024);
 * the whole PSPNet R50-D8 of ``configs/lrpet/pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py``
-  (−30 % backbone FLOPs): ``encode_decode`` (logits resized to the input).
+  (−30 % backbone FLOPs): eager tensor forward (decode-head logits) at each of ``shapes``, and
+  mmdeploy's end-to-end ONNX (logits resized, argmax) at its test size (512×512).
+
+``quick`` runs the toy ResNet-18 configs of ``configs/lrpet/_toy_/`` instead, at 128×128 (their
+end-to-end ONNX at their test sizes), to check the pipeline in seconds.
 
 Variants, timed interleaved in one run: ``original``; ``factorized`` (every planned conv
 factorized); ``latency-merged`` (:func:`lrpet_mm.deploy.latency_aware_merge` measured in the
 same runtime, layout and input size: factorized layers slower than their merged conv are
-merged back). Eager PyTorch runs all variants with every BN folded into its conv (onnxruntime
-folds them itself), so the comparison measures the factorization, not BN folding, in each of
-``layouts`` (``contiguous`` NCHW and ``channels_last``, oneDNN's fast path; the model weights
-and the input in the same layout). Each latency is the median of ``repeats`` runs after
-``warmup`` runs. FLOPs are counted by mmengine.analysis (one multiply-add = one FLOP) on the
-models as run.
+merged back; for the mmdeploy rows the merged model is written as a config + checkpoint with
+:mod:`lrpet_mm.deploy.merged_checkpoint`, as ``tools/deploy.py`` does). Eager PyTorch runs all
+variants with every BN folded into its conv (onnxruntime folds them itself), so the comparison
+measures the factorization, not BN folding, in each of ``layouts`` (``contiguous`` NCHW and
+``channels_last``, oneDNN's fast path; the model weights and the input in the same layout).
+Each latency is the median of ``repeats`` runs after ``warmup`` runs. FLOPs are counted by
+mmengine.analysis (one multiply-add = one FLOP) on the models as run (for the whole models:
+the eager tensor forward with 1000 RoIs; the deployed detector's RoI count depends on its NMS).
 
 ``allocator='retain'`` (the default) first calls
 :func:`lrpet_mm.deploy.retain_freed_memory` for the whole process, so eager PyTorch does not
@@ -36,6 +45,7 @@ factorized), judged for both the factorized and the latency-merged variant.
 """
 import contextlib
 import datetime
+import math
 import os
 import shutil
 import tempfile
@@ -45,11 +55,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from mmengine.config import Config
 from torch import nn
 
 from benchlib.common import REPO_ROOT, machine_info, write_results
-from benchlib.synthetic import synthetic_compact_model
+from benchlib.synthetic import SyntheticCompact, synthetic_compact_model
 from lrpet_mm.deploy import (
     check_memory_format,
     default_threads,
@@ -63,23 +75,32 @@ from lrpet_mm.deploy import (
     ort_session,
     retain_freed_memory,
 )
+from lrpet_mm.deploy.merged_checkpoint import merged_config
+from lrpet_mm.deploy.mmdeploy_export import deploy_model, mmdeploy_ops_library
 from lrpet_mm.engine.flops import count_flops
+from lrpet_mm.engine.input_shape import resolve_input_shape
+from lrpet_mm.models import compact_config
 from lrpet_mm.report.complexity import TensorForward, fixed_proposal_count, make_data_samples
 
-DET_CONFIG = REPO_ROOT / 'configs' / 'lrpet' / 'faster-rcnn_r50_fpn_lrpet_1x_voc0712.py'
-SEG_CONFIG = (REPO_ROOT / 'configs' / 'lrpet' /
-              'pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py')
+CONFIGS = REPO_ROOT / 'configs' / 'lrpet'
+DET_CONFIG = CONFIGS / 'faster-rcnn_r50_fpn_lrpet_1x_voc0712.py'
+SEG_CONFIG = CONFIGS / 'pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py'
+TOY_DET_CONFIG = CONFIGS / '_toy_' / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py'
+TOY_SEG_CONFIG = CONFIGS / '_toy_' / 'pspnet_r18-d8_lrpet_toy_voc12aug.py'
 FULL_INPUTS = ((3, 512, 512), (3, 800, 1333))
-QUICK_INPUT = (3, 224, 224)
+QUICK_INPUT = (3, 128, 128)
 P3_FACTOR = 0.8
 VARIANTS = ('original', 'factorized', 'latency-merged')
 RUNTIMES = ('torch', 'onnxruntime')
 ALLOCATORS = ('retain', 'default')
+#: Whole-model parts: eager tensor forward of this scope, and mmdeploy's end-to-end graph.
+WHOLE_PARTS = {'detector': 'mmdet', 'segmentor': 'mmseg'}
 
 
 @dataclass
 class Settings:
-    """What to run. ``shapes`` are (C, H, W); ``threads`` None = all cores."""
+    """What to run. ``shapes`` are (C, H, W); ``threads`` None = all cores; ``deploy``:
+    also time mmdeploy's end-to-end ONNX of the whole models (needs ``onnx``)."""
     quick: bool = False
     shapes: Tuple[Tuple[int, int, int], ...] = FULL_INPUTS
     threads: Optional[int] = None
@@ -88,6 +109,7 @@ class Settings:
     merge_repeats: int = 5
     merge_margin: float = 0.05
     onnx: bool = True
+    deploy: bool = True
     segmentor: bool = True
     layouts: Tuple[str, ...] = ('contiguous', 'channels_last')
     allocator: str = 'retain'
@@ -114,10 +136,10 @@ class Settings:
 
 
 def default_settings(quick: bool = False, **overrides) -> Settings:
-    """Full run: 512x512 and 800x1333, 5 repeats; quick: backbone only at 224x224, 3 repeats,
-    3 per-layer repeats. ``overrides`` that are None keep the default."""
-    base = (dict(quick=True, shapes=(QUICK_INPUT, ), repeats=3, merge_repeats=3,
-                 segmentor=False) if quick else {})
+    """Full run: 512x512 and 800x1333, 5 repeats; quick: the toy R-18 configs at 128x128,
+    NCHW only, 2 repeats, 2 per-layer repeats. ``overrides`` that are None keep the default."""
+    base = (dict(quick=True, shapes=(QUICK_INPUT, ), repeats=2, merge_repeats=2,
+                 layouts=('contiguous', )) if quick else {})
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**base)
 
@@ -155,9 +177,10 @@ def make_rows(label: str, part: str, shape: Sequence[int], runtime: str,
 
 
 def _part_module(model: nn.Module, part: str, shape: Sequence[int]) -> nn.Module:
-    """Module of one tensor: ``detector`` = the whole tensor forward, else an export part."""
-    if part == 'detector':
-        module = TensorForward(model, make_data_samples('mmdet', shape))
+    """Module of one tensor: a whole model's tensor forward (:data:`WHOLE_PARTS`), or the
+    backbone."""
+    if part in WHOLE_PARTS:
+        module = TensorForward(model, make_data_samples(WHOLE_PARTS[part], shape))
         module.eval()
         return module
     return export_wrapper(model, part, shape)
@@ -167,6 +190,26 @@ def _flops(model: nn.Module, part: str, shape: Sequence[int]) -> int:
     with warnings.catch_warnings(), fixed_proposal_count(model):
         warnings.simplefilter('ignore')
         return count_flops(_part_module(model, part, shape), shape)
+
+
+def padded_input_shape(cfg: Config) -> Tuple[int, int, int]:
+    """(C, H, W): the config's test size padded to its data preprocessor's divisor, the
+    tensor the deployed model receives."""
+    c, h, w = resolve_input_shape(cfg)
+    divisor = cfg.model.data_preprocessor.get('pad_size_divisor', 1) or 1
+    return c, math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
+
+
+@dataclass
+class Family:
+    """One model of the benchmark: its config, the random compact model, labels."""
+    name: str
+    title: str
+    cfg: Config
+    synthetic: SyntheticCompact
+    backbone_label: Optional[str]  # None: no backbone rows
+    whole_label: str
+    whole_part: str
 
 
 class _Bench:
@@ -197,42 +240,19 @@ class _Bench:
                       seconds=round(time.perf_counter() - start, 1), **result.to_dict())
         self.merges.append(record)
         self.log(f'{family} {shape_text(shape)}: {result.summary()}')
-        return result.model, record
+        return result, record
 
-    def measure(self, label: str, family: str, part: str, shape, runtime: str,
-                models: Dict[str, nn.Module], merge_record: dict, is_backbone: bool,
-                flops_models: Optional[Dict[str, nn.Module]] = None, layout: str = '') -> None:
-        """Time the three variants of ``part`` interleaved; append the two rows. In eager
-        PyTorch the models must already be in ``layout``; the input is made so."""
-        s = self.s
-        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-        if runtime == 'torch':
-            x = x.contiguous(memory_format=check_memory_format(layout))
-            fns, stack = [], contextlib.ExitStack()
-            for variant in VARIANTS:
-                module = _part_module(models[variant], part, shape)
-                stack.enter_context(fixed_proposal_count(models[variant]))
-                fns.append(lambda module=module: module(x))
-            with stack, torch.no_grad():
-                times = interleaved_median_ms(fns, s.repeats, s.warmup)
-        else:
-            fns, sizes = [], {}
-            for variant in VARIANTS:
-                path = self.tmp / f'{family}_{part}_{shape_text(shape)}_{variant}.onnx'
-                result = export_onnx(models[variant], part, shape, path, threads=s.threads)
-                sizes[variant] = result.size_bytes
-                self.log(f'  exported {variant} {part} {shape_text(shape)}: '
-                         f'{result.size_bytes / 2**20:.1f} MiB; {result.check.summary()}')
-                fns.append(ort_runner(ort_session(path, s.threads), x.numpy()))
-            self.onnx_sizes.append(dict(model=label, part=part, input=shape_text(shape),
-                                        **{f'{v}_bytes': n for v, n in sizes.items()}))
-            times = interleaved_median_ms(fns, s.repeats, s.warmup)
-            for path in self.tmp.glob('*.onnx'):
-                path.unlink()
+    def add_rows(self, label: str, family: str, part: str, shape, runtime: str,
+                 times: Sequence[float], models: Dict[str, nn.Module], merge_record: dict,
+                 is_backbone: bool, flops_models: Optional[Dict[str, nn.Module]] = None,
+                 layout: str = '', flops_shape=None) -> None:
+        """The two rows of one interleaved measurement (FLOPs counted on ``flops_models``,
+        default ``models``, at ``flops_shape``, default ``shape``)."""
         flops_models = flops_models or models
-        flops = {v: self.flops((family, part, tuple(shape),
+        flops_shape = tuple(flops_shape or shape)
+        flops = {v: self.flops((family, part, flops_shape,
                                 runtime + layout if v == 'latency-merged' else '', v),
-                               flops_models[v], part, shape) for v in VARIANTS}
+                               flops_models[v], part, flops_shape) for v in VARIANTS}
         rows = make_rows(label, part, shape, runtime, dict(zip(VARIANTS, times)), flops,
                          merge_record['merged'],
                          {v: len(low_rank_layers(models[v])) for v in VARIANTS}, is_backbone,
@@ -243,45 +263,116 @@ class _Bench:
                      f'{row["original_ms"]:.1f} -> {row["compact_ms"]:.1f} ms, speedup '
                      f'{row["speedup"]:.2f}, FLOPs ratio {row["flops_ratio"]:.2f}')
 
-    def detector(self, det) -> None:
-        parts = [('ResNet-50 backbone', 'backbone', True)]
-        if not self.s.quick:
-            parts += [('Faster R-CNN features (backbone+FPN+RPN head)', 'detector-features',
-                       False),
-                      ('Faster R-CNN whole (tensor forward, 1000 RoIs)', 'detector', False)]
-        self.family('faster-rcnn', 'Faster R-CNN R50', det, parts)
+    def measure_eager(self, label: str, family: str, part: str, shape,
+                      models: Dict[str, nn.Module], merge_record: dict, is_backbone: bool,
+                      layout: str) -> None:
+        """Time the three variants of ``part`` in eager PyTorch, interleaved (the models must
+        already be in ``layout``; the input is made so)."""
+        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=check_memory_format(layout))
+        fns, stack = [], contextlib.ExitStack()
+        for variant in VARIANTS:
+            module = _part_module(models[variant], part, shape)
+            stack.enter_context(fixed_proposal_count(models[variant]))
+            fns.append(lambda module=module: module(x))
+        with stack, torch.no_grad():
+            times = interleaved_median_ms(fns, self.s.repeats, self.s.warmup)
+        self.add_rows(label, family, part, shape, 'torch', times, models, merge_record,
+                      is_backbone, layout=layout)
 
-    def segmentor(self, seg) -> None:
-        self.family('pspnet', 'PSPNet R50-D8', seg,
-                    [('PSPNet R50-D8 whole (encode_decode)', 'segmentor', False)])
+    def measure_backbone_onnx(self, label: str, family: str, shape,
+                              models: Dict[str, nn.Module], merge_record: dict,
+                              flops_models: Dict[str, nn.Module]) -> None:
+        """Export the three backbones (``export_onnx``, checked against PyTorch) and time them
+        in onnxruntime, interleaved."""
+        x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+        fns, sizes = [], {}
+        for variant in VARIANTS:
+            path = self.tmp / f'{family}_backbone_{shape_text(shape)}_{variant}.onnx'
+            result = export_onnx(models[variant], 'backbone', shape, path, threads=self.s.threads)
+            sizes[variant] = result.size_bytes
+            self.log(f'  exported {variant} backbone {shape_text(shape)}: '
+                     f'{result.size_bytes / 2**20:.1f} MiB; {result.check.summary()}')
+            fns.append(ort_runner(ort_session(path, self.s.threads), x.numpy()))
+        self.onnx_sizes.append(dict(model=label, part='backbone', input=shape_text(shape),
+                                    **{f'{v}_bytes': n for v, n in sizes.items()}))
+        times = interleaved_median_ms(fns, self.s.repeats, self.s.warmup)
+        for path in self.tmp.glob('*.onnx'):
+            path.unlink()
+        self.add_rows(label, family, 'backbone', shape, 'onnxruntime', times, models,
+                      merge_record, True, flops_models)
 
-    def family(self, family: str, title: str, synthetic,
-               parts: List[Tuple[str, str, bool]]) -> None:
-        """Every (label, part, is_backbone) of one model at every input size: eager in each
-        layout, then onnxruntime (where the part exports)."""
-        original, compact = synthetic.original, synthetic.compact.model
+    def measure_deployed(self, fam: Family, flops_models: Dict[str, nn.Module]) -> None:
+        """The whole model as ``tools/deploy.py`` ships it: mmdeploy's end-to-end ONNX of the
+        original, the compact and the latency-merged compact model (merge timed in ONNX
+        Runtime at the config's padded test size), each built by mmdeploy from a config +
+        checkpoint file, timed interleaved in ONNX Runtime with mmdeploy's custom ops."""
+        shape = padded_input_shape(fam.cfg)
+        compact = fam.synthetic.compact
+        merge, record = self.merge(fam.name, compact.model, shape, 'onnxruntime')
+        factorized_cfg = compact_config(fam.cfg, compact)
+        pairs = {'original': (fam.cfg, fam.synthetic.original),
+                 'factorized': (factorized_cfg, compact.model),
+                 'latency-merged': (merged_config(factorized_cfg, merge.merged), merge.model)}
+        x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+        fns, sizes = [], {}
+        for variant, (cfg, model) in pairs.items():
+            work = self.tmp / f'{fam.name}_deploy_{variant}'
+            work.mkdir()
+            cfg_file, ckpt = work / 'model.py', work / 'model.pth'
+            cfg.dump(str(cfg_file))
+            torch.save(dict(state_dict=model.state_dict()), ckpt)
+            start = time.perf_counter()
+            onnx_file = deploy_model(cfg_file, ckpt, work, input_shape=shape)['onnx']
+            sizes[variant] = onnx_file.stat().st_size
+            self.log(f'  mmdeploy exported {variant} {fam.whole_part} '
+                     f'({time.perf_counter() - start:.0f} s): {sizes[variant] / 2**20:.1f} MiB')
+            session = ort_session(onnx_file, self.s.threads,
+                                  custom_ops_library=mmdeploy_ops_library())
+            fns.append(ort_runner(session, x))
+        self.onnx_sizes.append(dict(model=fam.whole_label + ' (mmdeploy end2end)',
+                                    part=fam.whole_part, input=shape_text(shape),
+                                    **{f'{v}_bytes': n for v, n in sizes.items()}))
+        times = interleaved_median_ms(fns, self.s.repeats, self.s.warmup)
+        models = {variant: model for variant, (_, model) in pairs.items()}
+        flops_models = dict(flops_models, **{'latency-merged': fold_batchnorms(merge.model)[0]})
+        self.add_rows(fam.whole_label + ' (mmdeploy end2end)', fam.name, fam.whole_part, shape,
+                      'onnxruntime', times, models, record, False, flops_models)
+
+    def family(self, fam: Family) -> None:
+        """Backbone and whole-model rows of one model at every input size: eager in each
+        layout, then onnxruntime (the backbone export); then the mmdeploy end-to-end model at
+        the config's test size."""
+        parts = [(fam.backbone_label, 'backbone', True)] if fam.backbone_label else []
+        parts.append((fam.whole_label + ' (tensor forward)', fam.whole_part, False))
+        original, compact = fam.synthetic.original, fam.synthetic.compact.model
         folded = {'original': fold_batchnorms(original)[0],
                   'factorized': fold_batchnorms(compact)[0]}
         for shape in self.s.shapes:
-            self.log(f'{title} at {shape_text(shape)}')
+            self.log(f'{fam.title} at {shape_text(shape)}')
             for layout in self.s.layouts:
                 eager = _in_layout(folded, layout)
-                merged, record = self.merge(family, eager['factorized'], shape, 'torch',
-                                            layout)
-                eager['latency-merged'] = merged
+                merge, record = self.merge(fam.name, eager['factorized'], shape, 'torch',
+                                           layout)
+                eager['latency-merged'] = merge.model
                 for label, part, is_backbone in parts:
-                    self.measure(label, family, part, shape, 'torch', eager, record,
-                                 is_backbone, layout=layout)
+                    self.measure_eager(label, fam.name, part, shape, eager, record,
+                                       is_backbone, layout)
             _in_layout(folded, 'contiguous')
             if not self.s.onnx:
                 continue
-            merged, record = self.merge(family, compact, shape, 'onnxruntime')
-            exported = {'original': original, 'factorized': compact, 'latency-merged': merged}
-            flops_models = dict(folded, **{'latency-merged': fold_batchnorms(merged)[0]})
-            for label, part, is_backbone in parts:
-                if part != 'detector':  # RoIAlign / NMS do not export without custom ops
-                    self.measure(label, family, part, shape, 'onnxruntime', exported,
-                                 record, is_backbone, flops_models)
+            if not fam.backbone_label:
+                continue
+            merge, record = self.merge(fam.name, compact, shape, 'onnxruntime')
+            exported = {'original': original, 'factorized': compact,
+                        'latency-merged': merge.model}
+            flops_models = dict(folded, **{'latency-merged': fold_batchnorms(merge.model)[0]})
+            if fam.backbone_label:
+                self.measure_backbone_onnx(fam.backbone_label, fam.name, shape, exported,
+                                           record, flops_models)
+        if self.s.onnx and self.s.deploy:
+            self.log(f'{fam.title}: mmdeploy end-to-end ONNX at the test size')
+            self.measure_deployed(fam, folded)
 
 
 def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module]:
@@ -291,16 +382,27 @@ def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module
     return dict(models)
 
 
-def load_synthetic(config: Path, plan_shape: Optional[Sequence[int]] = None):
-    """Random model of ``config`` (pretrained init off), factorized at its hook's budget
-    (planned at ``plan_shape``, default the config's input size)."""
-    from mmengine.config import Config
-
+def benchmark_config(config: Path) -> Config:
+    """``config`` with random init (no download) and plain BN where it has SyncBN (one CPU
+    process; the same state dict, and what mmdeploy exports)."""
     cfg = Config.fromfile(str(config))
     cfg.model.backbone.init_cfg = None
     if 'pretrained' in cfg.model:
         cfg.model.pretrained = None
-    return synthetic_compact_model(cfg, flops_input_shape=plan_shape)
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        module = cfg.model.get(part)
+        if isinstance(module, dict) and module.get('norm_cfg', {}).get('type') == 'SyncBN':
+            module.norm_cfg = dict(type='BN', requires_grad=True)
+    return cfg
+
+
+def load_family(name: str, title: str, config: Path, backbone_label: str, whole_label: str,
+                whole_part: str, plan_shape: Optional[Sequence[int]] = None) -> Family:
+    """Random model of ``config``, factorized at its hook's budget (planned at
+    ``plan_shape``, default the config's input size)."""
+    cfg = benchmark_config(config)
+    return Family(name, title, cfg, synthetic_compact_model(cfg, flops_input_shape=plan_shape),
+                  backbone_label, whole_label, whole_part)
 
 
 # --------------------------------------------------------------------------- output
@@ -341,7 +443,11 @@ def markdown(result: dict) -> str:
              f'{s["p3_factor"]} x the planned (factorized) FLOPs ratio, backbone rows. Eager '
              'PyTorch runs with every BN folded in all variants, weights and input in the named '
              'memory format (contiguous = NCHW); a latency-merged row with 0 merged layers '
-             'times the same network as the factorized row. Allocator: '
+             'times the same network as the factorized row. Whole-model rows: "tensor '
+             'forward" = eager model._forward (detector: RPN NMS off, 1000 RoIs); "mmdeploy '
+             'end2end" = the ONNX file tools/deploy.py writes (NMS and RoI head in the graph; '
+             'the number of RoIs follows the weights), at the config\'s padded test size, '
+             'FLOPs counted on the eager tensor forward at that size. Allocator: '
              f'{m.get("allocator", "default")}.\n')
     return text
 
@@ -353,6 +459,7 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     info = dict(machine_info(), threads=settings.threads)
+    info['load_average_start'] = list(os.getloadavg())
     info['allocator'] = 'glibc default'
     if settings.allocator == 'retain':  # process-wide and final: see retain_freed_memory
         info['allocator'] = ('glibc, freed memory retained (lrpet_mm.deploy.retain_freed_memory)'
@@ -363,15 +470,17 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            # quick: plan at the small input (for ResNet-50, whose conv FLOPs all scale with
-            # H·W, the plan equals the one at the config's 3x600x1000); full: the config's
-            log('building Faster R-CNN R50 (random weights) and planning its ranks')
-            det = load_synthetic(DET_CONFIG, settings.shapes[0] if settings.quick else None)
-            bench.detector(det)
-            del det
+            det_config, seg_config = ((TOY_DET_CONFIG, TOY_SEG_CONFIG) if settings.quick
+                                      else (DET_CONFIG, SEG_CONFIG))
+            depth = 18 if settings.quick else 50
+            log(f'building Faster R-CNN R{depth} (random weights) and planning its ranks')
+            bench.family(load_family('faster-rcnn', f'Faster R-CNN R{depth}', det_config,
+                                     f'ResNet-{depth} backbone', f'Faster R-CNN R{depth} whole',
+                                     'detector'))
             if settings.segmentor:
-                log('building PSPNet R50-D8 (random weights) and planning its ranks')
-                bench.segmentor(load_synthetic(SEG_CONFIG))
+                log(f'building PSPNet R{depth}-D8 (random weights) and planning its ranks')
+                bench.family(load_family('pspnet', f'PSPNet R{depth}-D8', seg_config, None,
+                                         f'PSPNet R{depth}-D8 whole', 'segmentor'))
     finally:
         torch.set_num_threads(before)
         shutil.rmtree(bench.tmp, ignore_errors=True)

@@ -1,15 +1,15 @@
-"""Deployment: ONNX export with an onnxruntime check, the latency-aware merge of low-rank
-layers (eager NCHW or channels_last, or onnxruntime), BN folding for eager timings, the CPU
-allocator setting for eager inference. ``onnx`` / ``onnxruntime`` are imported only when
-exporting or timing in onnxruntime."""
+"""Deployment: ONNX export of the backbone alone with an onnxruntime check (latency studies;
+whole detectors / segmentors are deployed with ``tools/deploy.py``, see
+:mod:`lrpet_mm.deploy.mmdeploy_export`), the latency-aware merge of low-rank layers (eager NCHW
+or channels_last, or onnxruntime), BN folding for eager timings, the CPU allocator setting for
+eager inference. ``onnx`` / ``onnxruntime`` are imported only when exporting or timing in
+onnxruntime."""
 from .cpu_allocator import retain_freed_memory
 from .export_modules import (
     PARTS,
-    StaticAdaptiveAvgPool2d,
     check_part,
     export_wrapper,
     output_names,
-    replace_adaptive_pools,
 )
 from .fold import fold_batchnorms
 from .latency import (
@@ -46,7 +46,7 @@ __all__ = ['retain_freed_memory', 'MEMORY_FORMATS', 'check_memory_format', 'fold
            'LatencyMergeResult', 'LayerLatency', 'capture_input_shapes',
            'latency_aware_merge', 'low_rank_layers', 'merge_low_rank', 'time_layer_pair',
            'ERROR_METRIC', 'PARTS', 'ExportResult', 'OnnxCheck', 'OnnxMismatchError',
-           'StaticAdaptiveAvgPool2d', 'check_onnx_path', 'check_part',
+           'check_onnx_path', 'check_part',
            'export_onnx', 'export_wrapper', 'format_size', 'load_model', 'max_normalized_error',
-           'output_names', 'replace_adaptive_pools', 'default_threads', 'interleaved_median_ms',
+           'output_names', 'default_threads', 'interleaved_median_ms',
            'ort_runner', 'ort_session', 'torch_threads']

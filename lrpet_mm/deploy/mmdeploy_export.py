@@ -34,6 +34,18 @@ DEPLOY_CONFIG_FILE = 'deploy_cfg.py'
 OPSET = 11
 
 
+def mmdeploy_ops_library() -> str:
+    """Path of mmdeploy's ONNX Runtime custom-op library (NMS, RoIAlign ... of its end-to-end
+    graphs), to register in an ``onnxruntime.SessionOptions``."""
+    from mmdeploy.backend.onnxruntime.init_plugins import get_ops_path
+
+    path = get_ops_path()
+    if not path or not os.path.isfile(path):
+        raise ImportError('mmdeploy\'s ONNX Runtime custom-op library was not found (is '
+                          'mmdeploy installed with `make install`?)')
+    return path
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')

@@ -1,33 +1,26 @@
-"""Export a (compact or original) mmdet / mmseg model to ONNX and check it with onnxruntime.
+"""Export the backbone of a (compact or original) mmdet / mmseg model to ONNX and check it with
+onnxruntime (latency studies of the factorized backbone).
 
-Parts (:data:`PARTS`), each a module of one tensor, the *preprocessed* image batch
-(1, C, H, W) (mean/std normalized, as ``model._forward`` receives it):
+The only part (:data:`PARTS`) is ``backbone``: ``model.backbone`` as a module of one tensor,
+the *preprocessed* image batch (1, C, H, W) (mean/std normalized, as ``model._forward``
+receives it), whose outputs are the backbone's feature maps. Whole detectors / segmentors,
+post-processing included, are deployed with ``tools/deploy.py``
+(:mod:`lrpet_mm.deploy.mmdeploy_export`, mmdeploy); the parts ``segmentor`` and
+``detector-features`` this module used to write are refused with a pointer there.
 
-* ``backbone``: the backbone's feature maps;
-* ``segmentor``: mmseg ``EncoderDecoder.encode_decode``: segmentation logits
-  (1, num_classes, H, W), bilinearly resized to the input size (the test-mode logits before
-  argmax);
-* ``detector-features``: backbone + neck feature maps, then the dense head's raw outputs
-  (Faster R-CNN: the RPN's per-level ``cls_score`` and ``bbox_pred``). Proposal selection
-  (top-k + NMS) and the RoI head (mmcv ``RoIAlign``) need custom ops and are not exported.
-
-The graph is traced at one fixed input shape (no dynamic axes): PSPNet's pyramid pooling
-(``nn.AdaptiveAvgPool2d`` to 2×2, 3×3, 6×6 bins, which the ONNX exporter refuses when the bins
-do not divide the input) is replaced, for export only, by :class:`StaticAdaptiveAvgPool2d`, the
-same average as two matrix products for that input size.
+The graph is traced at one fixed input shape (no dynamic axes).
 
 **Check.** onnxruntime (CPUExecutionProvider) runs the file on a seeded standard-normal input
 and every output is compared with PyTorch's output *of the model as given* (before the
-latency-aware merge and the pooling swap) by the max-normalized error
-``max|onnx − torch| / max|torch|`` (absolute ``max|onnx − torch|`` where the PyTorch output is
-all zero). Every output must be within ``tol`` (default 1e-4); otherwise
-:class:`OnnxMismatchError` is raised and no file is written.
+latency-aware merge) by the max-normalized error ``max|onnx − torch| / max|torch|`` (absolute
+``max|onnx − torch|`` where the PyTorch output is all zero). Every output must be within
+``tol`` (default 1e-4); otherwise :class:`OnnxMismatchError` is raised and no file is written.
 """
 import copy
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,7 +37,6 @@ from .export_modules import (
     model_device,
     model_dtype,
     output_names,
-    replace_adaptive_pools,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -133,7 +125,6 @@ class ExportResult:
         output_names: the graph's outputs, in order.
         check: the onnxruntime comparison (None with ``check=False``).
         merge: the latency-aware merge's record (None if not applied).
-        swapped_pools: adaptive pools replaced by :class:`StaticAdaptiveAvgPool2d`.
         low_rank_layers: low-rank (factorized) layers left in the exported graph.
     """
     path: Path
@@ -143,7 +134,6 @@ class ExportResult:
     output_names: List[str]
     check: Optional[OnnxCheck] = None
     merge: Optional[object] = None
-    swapped_pools: List[str] = field(default_factory=list)
     low_rank_layers: int = 0
 
     def to_dict(self) -> dict:
@@ -152,7 +142,6 @@ class ExportResult:
                     check=None if self.check is None else dict(asdict(self.check),
                                                                passed=self.check.passed),
                     merge=None if self.merge is None else self.merge.to_dict(),
-                    swapped_pools=list(self.swapped_pools),
                     low_rank_layers=self.low_rank_layers)
 
 
@@ -170,7 +159,8 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
 
     Args:
         model: an mmdet / mmseg model (original or compact).
-        part: one of :data:`PARTS`.
+        part: one of :data:`PARTS` (``'backbone'``; the removed ``'segmentor'`` and
+            ``'detector-features'`` are refused: use ``tools/deploy.py``).
         input_shape: (C, H, W); the graph is fixed to batch 1 at this size.
         out: the ``.onnx`` file; its directory is created; written to a temporary file and
             renamed only after the check passed.
@@ -185,7 +175,8 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
         seed: seed of the check input.
 
     Raises:
-        ValueError: bad part / shape / tolerance, or a part the model does not have.
+        ValueError: bad or removed part, bad shape / tolerance, or a model without a
+            backbone.
         OnnxMismatchError: the check failed (nothing written).
     """
     check_part(part)
@@ -220,7 +211,6 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
                                     inplace=True)
     wrapper = export_wrapper(deployed, part, shape)
     x_cpu = x.float().cpu()
-    swapped = replace_adaptive_pools(wrapper, x_cpu)
     from .latency import low_rank_layers
     n_low_rank = len(low_rank_layers(deployed))
 
@@ -233,7 +223,7 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
         import onnx
         onnx.checker.check_model(str(tmp))
         result = ExportResult(out, tmp.stat().st_size, part, shape, names, merge=merge,
-                              swapped_pools=swapped, low_rank_layers=n_low_rank)
+                              low_rank_layers=n_low_rank)
         if check:
             result.check = check_onnx_outputs(tmp, reference, x_cpu, names, tol, threads)
             if not result.check.passed:

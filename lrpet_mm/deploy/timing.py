@@ -76,12 +76,16 @@ def interleaved_median_ms(fns: Sequence[Callable[[], Any]], repeats: int,
     return [statistics.median(bucket) for bucket in times]
 
 
-def ort_session(model: Union[str, os.PathLike, bytes], threads: Optional[int] = None):
+def ort_session(model: Union[str, os.PathLike, bytes], threads: Optional[int] = None,
+                custom_ops_library: Optional[Union[str, os.PathLike]] = None):
     """An onnxruntime ``InferenceSession`` on ``CPUExecutionProvider`` with ``threads``
-    intra-op threads (None: all cores), one inter-op thread, all graph optimizations."""
+    intra-op threads (None: all cores), one inter-op thread, all graph optimizations, and
+    ``custom_ops_library`` registered (e.g. mmdeploy's, for its end-to-end graphs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if custom_ops_library is not None:
+        options.register_custom_ops_library(os.fspath(custom_ops_library))
     options.intra_op_num_threads = check_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -17,7 +17,7 @@ state-dict keys ``<name>.0.weight``, ``<name>.1.weight`` (and ``<name>.1.bias``)
 Parameters go from m·n to k·(m + n); so do the multiply-adds per output pixel or token.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -220,24 +220,53 @@ def empty_factorized_layer(module: nn.Module, rank: int) -> nn.Sequential:
     return empty_factorized_conv(module, rank)
 
 
+def empty_merged_layer(module: nn.Module) -> nn.Module:
+    """The dense layer a latency-aware merge puts back in place of ``module``'s low-rank pair:
+    a conv of ``module``'s geometry *with* bias (the pair's folded BN bias), or a linear layer
+    with ``module``'s bias setting (as :func:`~lrpet_mm.deploy.merge_low_rank` builds them)."""
+    if isinstance(module, nn.Linear):
+        _check_linear(module, 1)
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        raise ValueError(f'cannot merge {module!r}: only Conv2d with groups=1 or Linear')
+    return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                     stride=module.stride, padding=module.padding, dilation=module.dilation,
+                     bias=True, padding_mode=module.padding_mode)
+
+
+def _get_layer(module: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f'{what} layer {name!r} does not exist in '
+                       f'{type(module).__name__}') from None
+
+
 def apply_factorized_structure(module: nn.Module, ranks: Dict[str, int],
-                               folded_norms: Optional[Dict[str, str]] = None) -> nn.Module:
-    """Swap convs and linear layers for low-rank pairs and folded BNs for identities, in
-    place; returns module."""
+                               folded_norms: Optional[Dict[str, str]] = None,
+                               merged: Optional[Sequence[str]] = None) -> nn.Module:
+    """Swap convs and linear layers for low-rank pairs (``ranks``) or, for the layers a
+    latency-aware merge put back (``merged``), for dense layers with bias; folded BNs (of
+    either kind of layer) for identities. In place; returns module."""
+    merged = list(merged or [])
+    both = sorted(set(ranks) & set(merged))
+    if both:
+        raise ValueError(f'layers {both} are listed both as factorized (ranks) and as merged')
     linears = set()
     for name, rank in ranks.items():
-        try:
-            layer = module.get_submodule(name)
-        except AttributeError:
-            raise KeyError(f'factorized layer {name!r} does not exist in '
-                           f'{type(module).__name__}') from None
+        layer = _get_layer(module, name, 'factorized')
         if isinstance(layer, nn.Linear):
             linears.add(name)
         set_submodule(module, name, empty_factorized_layer(layer, int(rank)))
+    for name in merged:
+        layer = _get_layer(module, name, 'merged')
+        if isinstance(layer, nn.Linear):
+            linears.add(name)
+        set_submodule(module, name, empty_merged_layer(layer))
     for conv_name, norm_name in (folded_norms or {}).items():
-        if conv_name not in ranks:
-            raise KeyError(f'folded norm {norm_name!r} belongs to {conv_name!r}, which is not '
-                           'factorized')
+        if conv_name not in ranks and conv_name not in merged:
+            raise KeyError(f'folded norm {norm_name!r} belongs to {conv_name!r}, which is '
+                           'neither factorized nor merged')
         if conv_name in linears:
             raise ValueError(f'folded norm {norm_name!r} belongs to linear layer {conv_name!r}: '
                              'only conv + BatchNorm pairs are folded')
