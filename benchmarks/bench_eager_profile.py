@@ -63,8 +63,8 @@ def profile_ms(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
 
 def backbones(config: Path, plan_shape: Optional[Sequence[int]] = None) -> Dict[str, nn.Module]:
     """``{'original', 'factorized'}`` BN-folded R50 backbones (random weights, eval mode)."""
-    from benchlib.inference import load_synthetic
-    synthetic = load_synthetic(config, plan_shape)
+    from benchlib.synthetic import random_init_config, synthetic_compact_model
+    synthetic = synthetic_compact_model(random_init_config(config), flops_input_shape=plan_shape)
     return {'original': fold_batchnorms(synthetic.original.backbone)[0],
             'factorized': fold_batchnorms(synthetic.compact.model.backbone)[0]}
 

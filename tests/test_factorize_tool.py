@@ -1,25 +1,39 @@
 """tools/factorize.py end to end: compact files that the upstream test.py evaluates, refusals,
 clear errors and no partial output."""
+import contextlib
+import io
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lrpet_mm  # noqa: F401
-from helpers import CONFIG_DIR
+from helpers import CONFIG_DIR, load_repo_script
 from lrpet_mm.models import factorize_checkpoint
+from lrpet_mm.models.factorize_checkpoint import load_config
+from lrpet_mm.report import evaluate_checkpoint
 from lrpet_mm.utils import upstream_tool
 
 REPO = Path(__file__).resolve().parents[1]
-FACTORIZE = REPO / 'tools' / 'factorize.py'
+factorize_cli = load_repo_script('tools/factorize.py', 'factorize_cli')
 
 
 def run(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
                           cwd=str(REPO), **kw)
+
+
+def factorize(*args) -> SimpleNamespace:
+    """``tools/factorize.py ARGS`` in this process (the upstream ``test.py`` runs are the
+    subprocesses here): its exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = factorize_cli.main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def upstream_test(package: str, config: Path, checkpoint: Path, work_dir: Path) -> str:
@@ -39,7 +53,7 @@ def metric(log: str, key: str) -> float:
 def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
         request, tmp_path, run_fixture, package, key, n_convs):
     config, ckpt = request.getfixturevalue(run_fixture)
-    out = run([FACTORIZE, config, ckpt, '--work-dir', tmp_path / 'compact'])
+    out = factorize(config, ckpt, '--work-dir', tmp_path / 'compact')
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(rf'factorized {n_convs} convs \(max relative rank-k error '
                      r'\d\.\d+e-0[5-9]\)', out.stdout)
@@ -51,8 +65,10 @@ def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
 
     log_compact = upstream_test(package, compact_cfg, compact_ckpt, tmp_path / 'test_compact')
     assert 'missing keys' not in log_compact and 'unexpected key' not in log_compact
-    log_projected = upstream_test(package, config, ckpt, tmp_path / 'test_projected')
-    assert metric(log_compact, key) == pytest.approx(metric(log_projected, key), abs=1e-3)
+    # the projected model's metric from the same test loop, run in this process
+    projected = evaluate_checkpoint(load_config(config), ckpt, tmp_path / 'test_projected',
+                                    progress=False)[key]
+    assert metric(log_compact, key) == pytest.approx(projected, abs=1e-3)
 
     state = torch.load(compact_ckpt, map_location='cpu', weights_only=False)['state_dict']
     assert 'backbone.layer2.0.conv2.0.weight' in state
@@ -69,13 +85,13 @@ def test_checkpoint_that_is_not_low_rank_is_refused_unless_forced(seg_lrpet_run,
     noisy = tmp_path / 'noisy.pth'
     torch.save(checkpoint, noisy)
     out_dir = tmp_path / 'out'
-    out = run([FACTORIZE, config, noisy, '--work-dir', out_dir])
+    out = factorize(config, noisy, '--work-dir', out_dir)
     assert out.returncode == 2
     assert re.search(r'refused: 2 of 22 layers are not low-rank', out.stderr)
     assert re.search(r'backbone.layer3.0.conv1: rank \d+, relative error \d\.\d+e-0\d',
                      out.stderr) and 'backbone.layer4.1.conv2' in out.stderr
     assert list(out_dir.iterdir()) == []
-    forced = run([FACTORIZE, config, noisy, '--work-dir', out_dir, '--force'])
+    forced = factorize(config, noisy, '--work-dir', out_dir, '--force')
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert len(list(out_dir.iterdir())) == 2
 
@@ -86,17 +102,17 @@ def test_checkpoint_without_lrpet_plan_needs_a_ratio(seg_lrpet_run, tmp_path):
     del checkpoint['meta']['lrpet']
     plain = tmp_path / 'plain.pth'
     torch.save(checkpoint, plain)
-    out = run([FACTORIZE, config, plain, '--work-dir', tmp_path / 'o'])
+    out = factorize(config, plain, '--work-dir', tmp_path / 'o')
     assert out.returncode == 2 and 'has no LRPET rank plan in its meta' in out.stderr
-    out = run([FACTORIZE, config, plain, '--work-dir', tmp_path / 'o', '--rank-ratio', '0.5'])
+    out = factorize(config, plain, '--work-dir', tmp_path / 'o', '--rank-ratio', '0.5')
     assert out.returncode == 0, out.stderr[-2000:]  # same ranks as the hook's plan: low-rank
 
 
 def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_lrpet_run, tmp_path):
     from mmengine.config import Config
     config, ckpt = seg_lrpet_run
-    out = run([FACTORIZE, config, ckpt, '--work-dir', tmp_path / 'o', '--cfg-options',
-               'test_dataloader.batch_size=3', 'model.decode_head.dropout_ratio=0.25'])
+    out = factorize(config, ckpt, '--work-dir', tmp_path / 'o', '--cfg-options',
+               'test_dataloader.batch_size=3', 'model.decode_head.dropout_ratio=0.25')
     assert out.returncode == 0, out.stderr[-2000:]
     compact = Config.fromfile(str(tmp_path / 'o' / f'{config.stem}_lowrank.py'))
     assert compact.test_dataloader.batch_size == 3
@@ -124,7 +140,7 @@ def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_lrpet_run, det_lr
                                                     r"config's model: missing keys"),
     ]
     for args, message in cases:
-        out = run([FACTORIZE, *args])
+        out = factorize(*args)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert re.search(message, out.stderr), (message, out.stderr[-2000:])
         assert 'Traceback' not in out.stderr

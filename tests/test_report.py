@@ -1,7 +1,6 @@
 """tools/report.py: FLOPs, params and task metric of the projected vs the compact model, checked
 against independent counts and test runs; clear errors and no partial output."""
 import contextlib
-import copy
 import io
 import json
 import os
@@ -17,7 +16,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 import lrpet_mm  # noqa: F401
-from helpers import load_repo_script, lrpet_train_config
+from helpers import load_repo_script
 from lrpet_mm.engine import count_flops, count_params, infer_input_shape, rank_plan_from_checkpoint
 from lrpet_mm.models import build_model_from_config, load_config
 from lrpet_mm.report.complexity import measure_complexity
@@ -31,18 +30,6 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 REPORT_FILES = ('report.md', 'report.json', 'ranks.png')
 
 
-def train_toy(name: str, voc_root: Path, work_dir: Path, train_cfg: dict, ckpt_name: str):
-    """Train a toy config with LRPETHook (no validation); return (config file, checkpoint)."""
-    cfg = lrpet_train_config(name, voc_root, work_dir, train_cfg,
-                             hook=dict(rank_ratio=0.5, interval=2))
-    config_path = work_dir / f'{name}.py'
-    cfg.dump(str(config_path))  # the config as a user has it (validation included)
-    train = copy.deepcopy(cfg)
-    train.val_cfg = train.val_dataloader = train.val_evaluator = None
-    Runner.from_cfg(train).train()
-    return config_path, work_dir / ckpt_name
-
-
 def cli(*args) -> tuple:
     """Run tools/report.py in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -51,8 +38,11 @@ def cli(*args) -> tuple:
     return code, out.getvalue(), err.getvalue()
 
 
-def make_run(name, voc_root, work, train_cfg, ckpt_name, *extra):
-    config, ckpt = train_toy(name, voc_root, work, train_cfg, ckpt_name)
+def make_run(trained, work, *extra):
+    """tools/report.py on a shared LRPET run (``conftest``'s ``det_lrpet_run`` /
+    ``seg_lrpet_run``: config as a user has it, validation included; read only)."""
+    config, ckpt = trained
+    name = config.stem
     out_dir = work / 'report'
     code, stdout, stderr = cli(config, ckpt, '--work-dir', out_dir, '--input-shape', *SHAPE, *extra)
     assert code == 0, stderr[-3000:]
@@ -63,9 +53,8 @@ def make_run(name, voc_root, work, train_cfg, ckpt_name, *extra):
 
 
 @pytest.fixture(scope='module')
-def seg_run(voc_root, tmp_path_factory):
-    return make_run('pspnet_r18-d8_toy_voc12aug', voc_root, tmp_path_factory.mktemp('seg'),
-                    dict(type='IterBasedTrainLoop', max_iters=4), 'iter_4.pth')
+def seg_run(seg_lrpet_run, tmp_path_factory):
+    return make_run(seg_lrpet_run, tmp_path_factory.mktemp('seg'))
 
 
 # ----------------------------------------------------------------------- independent checks
@@ -359,11 +348,8 @@ def test_failure_during_evaluation_removes_only_what_the_report_wrote(seg_run, t
 
 
 # ----------------------------------------------------------------------- detection
-def test_det_report_numbers_match_independent_counts_and_test_runs(voc_root, tmp_path_factory,
-                                                                   tmp_path):
-    run = make_run('faster-rcnn_r18_fpn_toy_voc', voc_root, tmp_path_factory.mktemp('det'),
-                   dict(type='EpochBasedTrainLoop', max_epochs=1), 'epoch_1.pth',
-                   '--no-progress')
+def test_det_report_numbers_match_independent_counts_and_test_runs(det_lrpet_run, tmp_path):
+    run = make_run(det_lrpet_run, tmp_path / 'det', '--no-progress')
     report = run['report']
     assert report['task'] == 'detection' and report['rpn_proposals'] == 300
     assert len(report['layers']) == 20  # ResNet-18: stem conv + 16 + 3 downsample

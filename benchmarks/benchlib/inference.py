@@ -61,7 +61,7 @@ from mmengine.config import Config
 from torch import nn
 
 from benchlib.common import REPO_ROOT, machine_info, write_results
-from benchlib.synthetic import SyntheticCompact, synthetic_compact_model
+from benchlib.synthetic import SyntheticCompact, random_init_config, synthetic_compact_model
 from lrpet_mm.deploy import (
     check_memory_format,
     default_threads,
@@ -382,25 +382,11 @@ def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module
     return dict(models)
 
 
-def benchmark_config(config: Path) -> Config:
-    """``config`` with random init (no download) and plain BN where it has SyncBN (one CPU
-    process; the same state dict, and what mmdeploy exports)."""
-    cfg = Config.fromfile(str(config))
-    cfg.model.backbone.init_cfg = None
-    if 'pretrained' in cfg.model:
-        cfg.model.pretrained = None
-    for part in ('backbone', 'decode_head', 'auxiliary_head'):
-        module = cfg.model.get(part)
-        if isinstance(module, dict) and module.get('norm_cfg', {}).get('type') == 'SyncBN':
-            module.norm_cfg = dict(type='BN', requires_grad=True)
-    return cfg
-
-
 def load_family(name: str, title: str, config: Path, backbone_label: str, whole_label: str,
                 whole_part: str, plan_shape: Optional[Sequence[int]] = None) -> Family:
     """Random model of ``config``, factorized at its hook's budget (planned at
     ``plan_shape``, default the config's input size)."""
-    cfg = benchmark_config(config)
+    cfg = random_init_config(config)
     return Family(name, title, cfg, synthetic_compact_model(cfg, flops_input_shape=plan_shape),
                   backbone_label, whole_label, whole_part)
 

@@ -6,8 +6,9 @@ A randomly initialised model is planned like the hook plans it (``rank_ratio`` o
 weight keeps rank ≤ k) and the model is factorized exactly with
 :func:`~lrpet_mm.models.factorize_model`. Latency depends on shapes, not on trained values.
 """
+import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from mmengine.config import Config
@@ -17,6 +18,20 @@ from lrpet_mm.lowrank import RankPlan
 from lrpet_mm.lowrank.batchnorm import is_batch_norm
 from lrpet_mm.models.compact_model import CompactModel, factorize_model
 from lrpet_mm.models.factorize_checkpoint import build_model_from_config, hook_settings, plan_for
+
+
+def random_init_config(config: Union[str, os.PathLike]) -> Config:
+    """``config`` with random init (no download) and plain BN where it has SyncBN (one CPU
+    process; the same state dict, and what mmdeploy exports)."""
+    cfg = Config.fromfile(str(config))
+    cfg.model.backbone.init_cfg = None
+    if 'pretrained' in cfg.model:
+        cfg.model.pretrained = None
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        module = cfg.model.get(part)
+        if isinstance(module, dict) and module.get('norm_cfg', {}).get('type') == 'SyncBN':
+            module.norm_cfg = dict(type='BN', requires_grad=True)
+    return cfg
 
 
 @dataclass
