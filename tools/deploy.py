@@ -59,6 +59,28 @@ def has_low_rank_layers(config, cfg_options) -> bool:
     return bool(low_rank_layers(build_model_from_config(load_config(config, cfg_options))))
 
 
+def merge_first(args) -> tuple:
+    """The (config, checkpoint) to export: the latency-aware merged pair written into the work
+    directory, or the given pair where the merge does not apply (printing why)."""
+    if args.no_latency_aware:
+        return args.config, args.checkpoint
+    if args.backend != 'onnxruntime':
+        print('latency-aware merge skipped: it is timed in ONNX Runtime on this CPU, not in '
+              f'{args.backend}')
+        return args.config, args.checkpoint
+    if not has_low_rank_layers(args.config, args.cfg_options):
+        print('latency-aware merge skipped: the model has no low-rank layer')
+        return args.config, args.checkpoint
+    merged = latency_merge_checkpoint(
+        args.config, args.checkpoint, args.work_dir, args.input_shape,
+        cfg_options=args.cfg_options, repeats=args.merge_repeats, margin=args.merge_margin,
+        threads=args.threads)
+    print(merged.merge.summary())
+    print(f'merged config:     {merged.config_path}')
+    print(f'merged checkpoint: {merged.checkpoint_path}')
+    return merged.config_path, merged.checkpoint_path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -66,23 +88,7 @@ def main(argv=None) -> int:
         if args.test and args.backend != 'onnxruntime':
             raise ValueError('--test runs the deployed model in ONNX Runtime: use '
                              '--backend onnxruntime')
-        config, checkpoint = args.config, args.checkpoint
-        if args.no_latency_aware:
-            pass
-        elif args.backend != 'onnxruntime':
-            print('latency-aware merge skipped: it is timed in ONNX Runtime on this CPU, not '
-                  f'in {args.backend}')
-        elif not has_low_rank_layers(config, args.cfg_options):
-            print('latency-aware merge skipped: the model has no low-rank layer')
-        else:
-            merged = latency_merge_checkpoint(
-                config, checkpoint, args.work_dir, args.input_shape,
-                cfg_options=args.cfg_options, repeats=args.merge_repeats,
-                margin=args.merge_margin, threads=args.threads)
-            print(merged.merge.summary())
-            print(f'merged config:     {merged.config_path}')
-            print(f'merged checkpoint: {merged.checkpoint_path}')
-            config, checkpoint = merged.config_path, merged.checkpoint_path
+        config, checkpoint = merge_first(args)
         paths = deploy_model(config, checkpoint, args.work_dir, args.backend,
                              args.cfg_options, args.input_shape)
         print(f'onnx:          {paths["onnx"]}')
