@@ -26,7 +26,8 @@ from torch import nn
 
 import lrpet_mm  # noqa: F401  (registers LRPETHook)
 from benchlib.common import machine_info, write_results
-from lrpet_mm.datasets import generate_synthetic_voc, set_data_root
+from benchlib.config_data_root import set_data_root
+from lrpet_mm.datasets import generate_synthetic_voc
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / 'configs' / 'lrpet' / '_toy_'

@@ -8,7 +8,7 @@ config's budget (as ``bench_inference.py``), folds every BN, then per input size
 the median latency of ``--repeats`` interleaved runs, and one ``torch.profiler`` pass whose
 self CPU time is split into convolutions (oneDNN's ``mkldnn_convolution``, which includes
 its layout reorders), max-pooling, element-wise ops (residual add, ReLU) and the rest.
-Batch 1, freed memory retained (``lrpet_mm.deploy.retain_freed_memory``). Prints a Markdown
+Batch 1, freed memory retained (``benchlib.cpu_allocator.retain_freed_memory``). Prints a Markdown
 table and writes benchmarks/results/eager_profile.{json,md}.
 
     python benchmarks/bench_eager_profile.py [--threads 2]     # under 2 min
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from benchlib.common import machine_info, write_results
+from benchlib.cpu_allocator import retain_freed_memory
+from benchlib.fold import fold_batchnorms
 from lrpet_mm.deploy import (
     MEMORY_FORMATS,
     check_memory_format,
-    fold_batchnorms,
     interleaved_median_ms,
-    retain_freed_memory,
     torch_threads,
 )
 from lrpet_mm.engine.flops import count_flops

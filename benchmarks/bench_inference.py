@@ -59,9 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='eager memory formats timed (default: both)')
     parser.add_argument('--allocator', default=None, choices=('retain', 'default'),
                         help="'retain' (default): keep freed memory in the process "
-                             "(lrpet_mm.deploy.retain_freed_memory) so eager PyTorch does not "
-                             "page-fault its activations in on every forward; 'default': glibc "
-                             'as it is')
+                             "(benchlib.cpu_allocator.retain_freed_memory) so eager PyTorch does "
+                             "not page-fault its activations in on every forward; 'default': "
+                             'glibc as it is')
     parser.add_argument('--out', default=None,
                         help='output stem (default benchmarks/results/inference, or '
                              'work_dirs/bench_inference/quick/inference with --quick)')

@@ -7,11 +7,12 @@ Two measurements, both real ``Runner.train()`` runs on the built-in VOC-layout d
    training wall time (validation included), measured directly.
 2. **paper setting**: the ResNet-50 Faster R-CNN LRPET config (VOC07+12, input 1000×600,
    −50 % backbone FLOPs) trained for a few iterations at batch ``--batch`` (ImageNet init
-   switched off: no downloads), projecting every 2 iterations so that warm-started
-   projections after real SGD steps are timed. The paper's interval is one projection per
-   epoch of VOC07+12 trainval (16 551 images) at batch 16 = 1 035 iterations; the iteration
-   time at batch 16 is extrapolated linearly from the measured per-image time (CPU compute
-   is linear in the batch). Share = t_projection / (1 035 · t_iteration@16 + t_projection).
+   switched off: no downloads), projecting every 2 iterations so that several projections
+   after real SGD steps are timed (each is one exact SVD per layer, all cost alike). The
+   paper's interval is one projection per epoch of VOC07+12 trainval (16 551 images) at batch
+   16 = 1 035 iterations; the iteration time at batch 16 is extrapolated linearly from the
+   measured per-image time (CPU compute is linear in the batch).
+   Share = t_projection / (1 035 · t_iteration@16 + t_projection).
 
 Prints a Markdown table and writes JSON (+ .md) atomically.
 
@@ -36,7 +37,8 @@ from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
 from benchlib.common import machine_info, write_results
-from lrpet_mm.datasets import generate_synthetic_voc, set_data_root
+from benchlib.config_data_root import set_data_root
+from lrpet_mm.datasets import generate_synthetic_voc
 from lrpet_mm.engine import LRPETHook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +66,7 @@ class IterationTimer(Hook):
 
 @HOOKS.register_module(force=True)
 class ProjectionRecorder(Hook):
-    """Wraps LRPETHook.project to record each projection's seconds and methods."""
+    """Wraps LRPETHook.project to record each projection's seconds."""
     priority = 'LOWEST'
 
     def __init__(self):
@@ -77,7 +79,7 @@ class ProjectionRecorder(Hook):
         def project(runner_, step):
             stats = original(runner_, step)
             self.records.append(dict(step=step, seconds=stats.seconds,
-                                     layers=stats.num_layers, warm=stats.num_warm))
+                                     layers=stats.num_layers))
             return stats
         hook.project = project
 
@@ -113,7 +115,6 @@ def toy_overhead(voc_root: Path, work_dir: Path, epochs: int) -> dict:
     timer, recorder = hooks_of(runner)
     projections = recorder.records
     projection_s = sum(r['seconds'] for r in projections)
-    warm = [r['seconds'] for r in projections[1:]]  # after the first (cold) one
     iters_per_epoch = len(timer.times) // epochs
     return dict(setting=f'toy Faster R-CNN R18 ({TOY.name}), interval 1 epoch '
                         f'({iters_per_epoch} iterations at batch '
@@ -122,10 +123,8 @@ def toy_overhead(voc_root: Path, work_dir: Path, epochs: int) -> dict:
                 train_wall_s=wall, iterations=len(timer.times),
                 median_iteration_s=statistics.median(timer.times),
                 projections=projections, projection_total_s=projection_s,
-                median_warm_projection_s=statistics.median(warm) if warm else None,
-                share=projection_s / wall,
-                share_steady=(statistics.median(warm) / (iters_per_epoch * statistics.median(
-                    timer.times) + statistics.median(warm))) if warm else None)
+                median_projection_s=statistics.median(r['seconds'] for r in projections),
+                share=projection_s / wall)
 
 
 def paper_overhead(voc_root: Path, work_dir: Path, batch: int, iters: int) -> dict:
@@ -145,18 +144,14 @@ def paper_overhead(voc_root: Path, work_dir: Path, batch: int, iters: int) -> di
     t_iter = statistics.median(plain)
     t_iter16 = t_iter * 16 / batch
     iters_per_epoch = math.ceil(VOC0712_TRAINVAL / 16)
-    warm = [r['seconds'] for r in recorder.records[1:]]  # after the first (cold) one
-    cold = recorder.records[0]['seconds']
-    t_proj = statistics.median(warm) if warm else cold
+    t_proj = statistics.median(r['seconds'] for r in recorder.records)
     return dict(setting=f'Faster R-CNN R50 ({R50.name}), 1000×600, interval 1 epoch of '
                         f'VOC07+12 = {iters_per_epoch} iterations at batch 16',
                 measured_batch=batch, measured_iterations=len(timer.times),
                 median_iteration_s=t_iter, iteration_s_at_batch16=t_iter16,
-                projections=recorder.records, cold_projection_s=cold,
-                median_warm_projection_s=t_proj if warm else None,
+                projections=recorder.records, median_projection_s=t_proj,
                 epoch_s=iters_per_epoch * t_iter16,
-                share=t_proj / (iters_per_epoch * t_iter16 + t_proj),
-                share_cold=cold / (iters_per_epoch * t_iter16 + cold))
+                share=t_proj / (iters_per_epoch * t_iter16 + t_proj))
 
 
 def markdown(results: dict) -> str:
@@ -164,23 +159,16 @@ def markdown(results: dict) -> str:
              '|---|---|---|---|']
     toy = results.get('toy')
     if toy:
-        lines.append(f"| {toy['setting']}: measured, all projections incl. the first (cold) | "
+        lines.append(f"| {toy['setting']}: measured, all projections | "
                      f"{toy['projection_total_s']:.3f} total | {toy['train_wall_s']:.1f} wall | "
                      f"{100 * toy['share']:.2f} % |")
-        if toy['share_steady'] is not None:
-            lines.append(f"| same, steady state (later projections, median / one epoch) | "
-                         f"{toy['median_warm_projection_s']:.3f} | "
-                         f"{toy['median_iteration_s']:.3f} s/iter | "
-                         f"{100 * toy['share_steady']:.2f} % |")
     paper = results.get('paper')
     if paper:
-        lines.append(f"| {paper['setting']}: later projections (median) | "
-                     f"{paper['median_warm_projection_s'] or float('nan'):.3f} | "
+        lines.append(f"| {paper['setting']}: one projection (median) | "
+                     f"{paper['median_projection_s']:.3f} | "
                      f"{paper['epoch_s']:.0f} ({paper['iteration_s_at_batch16']:.2f} s/iter, "
                      f"measured at batch {paper['measured_batch']}) | "
                      f"{100 * paper['share']:.4f} % |")
-        lines.append(f"| same, first (cold) projection | {paper['cold_projection_s']:.3f} | "
-                     f"{paper['epoch_s']:.0f} | {100 * paper['share_cold']:.4f} % |")
     m = results['machine']
     lines += ['', f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}."]
     return '\n'.join(lines) + '\n'

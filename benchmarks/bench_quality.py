@@ -13,8 +13,8 @@ latency of each deployed backbone, settings, machine). One task per run:
     python benchmarks/bench_quality.py --quick          # smoke test, tiny budgets
     python benchmarks/bench_quality.py --tasks det --data-root /data/VOCdevkit
 
-The logic is in ``benchlib.quality``. Exit status 1 if any row failed (the other rows'
-results are kept), 2 on bad arguments.
+The logic is in ``benchlib.quality`` (rows and configs, statistics, tables, the run). Exit
+status 1 if any row failed (the other rows' results are kept), 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from benchlib.common import REPO_ROOT
-from benchlib.quality import ROW_KEYS, default_settings, run_benchmark
+from benchlib.quality.configs import ROW_KEYS, default_settings
+from benchlib.quality.orchestration import run_benchmark
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

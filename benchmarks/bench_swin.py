@@ -41,9 +41,9 @@ from lrpet_mm.deploy import (
     ort_runner,
     ort_session,
 )
-from lrpet_mm.engine import count_flops, count_params
+from lrpet_mm.engine import LRPETSettings, count_flops, count_params
 from lrpet_mm.engine.planning import plan_targets
-from lrpet_mm.lowrank import LowRankProjector, select_targets
+from lrpet_mm.lowrank import LowRankProjector
 from lrpet_mm.models import describe_layers, factorize_model
 
 DEFAULT_CONFIG = REPO_ROOT / 'configs' / 'lrpet' / 'upernet_swin-t-p4-w7_lrpet_voc12aug-512x512.py'
@@ -103,11 +103,11 @@ def build_backbone(cfg, quick: bool) -> Holder:
     return model.eval()
 
 
-def hook_settings(cfg) -> dict:
-    for hook in cfg.get('custom_hooks', None) or []:
-        if hook.get('type') == 'LRPETHook':
-            return dict(hook)
-    raise ValueError('the config has no LRPETHook')
+def hook_settings(cfg) -> LRPETSettings:
+    settings = LRPETSettings.from_config(cfg)
+    if settings is None:
+        raise ValueError('the config has no LRPETHook')
+    return settings
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -121,22 +121,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError('threads and repeats must be >= 1, warmup >= 0')
     cfg = Config.fromfile(args.config)
     hook = hook_settings(cfg)
-    if hook.get('flops_reduction') is None:
+    if hook.flops_reduction is None:
         raise ValueError(f'the LRPETHook of {args.config} has no flops_reduction')
     torch.manual_seed(0)
     model = build_backbone(cfg, args.quick)
-    scope = hook.get('scope', 'backbone')
-    selection = select_targets(model, scope, hook.get('include'), hook.get('exclude'),
-                               hook.get('bn_rectify', True), hook.get('unpaired', 'skip'),
-                               hook.get('frozen', 'skip'))
-    plan, planned = plan_targets(model, selection, scope,
-                                 flops_reduction=hook['flops_reduction'], input_shape=shape,
-                                 layer_ratios=hook.get('layer_ratios'),
-                                 min_rank=hook.get('min_rank', 1),
-                                 rank_multiple=hook.get('rank_multiple', 1),
-                                 rank_allocation=hook.get('rank_allocation', 'uniform'))
+    selection = hook.select_targets(model)
+    plan, planned = plan_targets(model, selection, hook, shape)  # at this run's input size
     log(f'planned {len(plan)} layers ({len(plan.skipped)} left alone) for -'
-        f'{100 * hook["flops_reduction"]:.0f} % backbone FLOPs at {shape}: '
+        f'{100 * hook.flops_reduction:.0f} % backbone FLOPs at {shape}: '
         f'{100 * planned.reduction:.2f} % counted')
     stats = LowRankProjector(selection.targets, plan).project()
     compact = factorize_model(model, plan)
@@ -152,7 +144,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         exports, runners = {}, []
         x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
         for name, module in (('original', model), ('compact', compact.model)):
-            result = export_onnx(module, 'backbone', shape, tmp / f'{name}.onnx',
+            result = export_onnx(module, shape, tmp / f'{name}.onnx',
                                  threads=args.threads)
             exports[name] = result
             log(f'exported the {name} backbone: {result.size_bytes / 2**20:.1f} MiB; '
@@ -181,8 +173,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                       repeats=repeats, warmup=warmup, runtime='onnxruntime CPU',
                       batch=1, threads=args.threads),
         backbone=backbone,
-        plan=dict(flops_reduction=hook['flops_reduction'],
-                  rank_multiple=hook.get('rank_multiple', 1), rank_ratio=planned.rank_ratio,
+        plan=dict(flops_reduction=hook.flops_reduction,
+                  rank_multiple=hook.rank_multiple, rank_ratio=planned.rank_ratio,
                   counted_reduction=planned.reduction, layers=len(plan),
                   layer_kinds=kinds, left_alone=dict(plan.skipped),
                   ranks={name: layer.rank for name, layer in plan.layers.items()},

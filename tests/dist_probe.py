@@ -27,7 +27,7 @@ from mmengine.registry import HOOKS
 import lrpet_mm.workarounds.mmengine_cpu_dist  # noqa: F401  (creates the gloo group)
 from lrpet_mm.engine import LRPETHook
 from lrpet_mm.engine.lrpet_ddp import projection_cost
-from lrpet_mm.lowrank import LowRankProjector, bn_scale, numerical_rank
+from lrpet_mm.lowrank import LowRankProjector, bn_folded_matrix, numerical_rank
 
 #: one entry per ``LowRankProjector.project`` call in this process
 PROJECT_CALLS: List[Dict] = []
@@ -70,10 +70,8 @@ class DistProbeHook(Hook):
         weights = hook.projector.weights()
         low_rank = True
         for target in hook.projector.targets:
-            matrix = target.conv.weight.detach().reshape(target.conv.weight.shape[0], -1)
-            matrix = matrix.double()
-            if target.rectify:
-                matrix = bn_scale(target.norm).double()[:, None] * matrix
+            matrix = bn_folded_matrix(target.layer.weight.double(),
+                                      target.norm if target.rectify else None)
             low_rank &= numerical_rank(matrix) <= hook.plan.rank_of(target.name)
         hub = runner.message_hub
         self.records.append(dict(

@@ -33,7 +33,7 @@ def load_toy_config(name: str, voc_root: Union[str, os.PathLike],
     """
     from mmengine.config import Config
 
-    from lrpet_mm.datasets import set_data_root
+    from benchlib.config_data_root import set_data_root
 
     path = CONFIG_DIR / (name if name.endswith('.py') else f'{name}.py')
     if not path.is_file():

@@ -1,10 +1,13 @@
 """benchmarks/bench_dead_channels.py: dead conv rows after LRPET training from scratch."""
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from helpers import load_repo_script
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 
 def load_script():

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import load_repo_script
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_eager_profile.py'
 

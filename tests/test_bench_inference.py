@@ -9,6 +9,8 @@ import pytest
 from benchlib.inference import default_settings, make_rows, markdown
 from helpers import load_repo_script
 
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
+
 FLOPS = {'original': 200, 'factorized': 100, 'latency-merged': 125}
 LOW_RANK = {'original': 0, 'factorized': 53, 'latency-merged': 50}
 

@@ -11,23 +11,24 @@ import pytest
 import torch
 
 import lrpet_mm  # noqa: F401  (registers LRPETFactorized)
-from benchlib import quality as q
+from benchlib.quality import configs, orchestration
+from benchlib.quality import statistics as stats
 from helpers import load_repo_script
 from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
 
 
 # ------------------------------------------------------------------------------ statistics
 def test_mean_std_uses_the_sample_standard_deviation() -> None:
-    assert q.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    mean, std = q.mean_std([None, 2.0, 4.0])
+    assert stats.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    mean, std = stats.mean_std([None, 2.0, 4.0])
     assert mean == 3.0 and std == pytest.approx(math.sqrt(2.0))
-    assert q.mean_std([5.0]) == (5.0, None) and q.mean_std([]) == (None, None)
+    assert stats.mean_std([5.0]) == (5.0, None) and stats.mean_std([]) == (None, None)
 
 
 def test_paired_comparison_pairs_by_seed_and_gives_the_t_interval() -> None:
     ours = {'0': 50.0, '1': 52.0, '2': 49.0, '3': 55.0, '4': None}
     other = {'0': 48.0, '1': 51.0, '2': 50.0, '3': 51.0, '4': 40.0, '5': 10.0}
-    c = q.paired_comparison(ours, other)
+    c = stats.paired_comparison(ours, other)
     assert c['seeds'] == ['0', '1', '2', '3'] and c['diffs'] == [2.0, 1.0, -1.0, 4.0]
     assert c['n'] == 4 and c['wins'] == 3 and c['losses'] == 1
     assert c['mean'] == pytest.approx(1.5)
@@ -36,13 +37,13 @@ def test_paired_comparison_pairs_by_seed_and_gives_the_t_interval() -> None:
     half = 3.182446305284263 * sd / 2  # t_{0.975, 3}
     assert c['ci95'] == pytest.approx([1.5 - half, 1.5 + half])
     assert c['detectable'] == pytest.approx((3.182446305284263 + 0.9784723123633045) * sd / 2)
-    assert q.verdict(c) == 'no clear difference'
-    assert q.verdict(q.paired_comparison({'0': 3.0, '1': 4.1}, {'0': 1.0, '1': 2.0})) == (
+    assert stats.verdict(c) == 'no clear difference'
+    assert stats.verdict(stats.paired_comparison({'0': 3.0, '1': 4.1}, {'0': 1.0, '1': 2.0})) == (
         'LRPET better')
-    assert q.verdict(q.paired_comparison({'0': 1.0, '1': 2.0}, {'0': 3.0, '1': 4.1})) == (
+    assert stats.verdict(stats.paired_comparison({'0': 1.0, '1': 2.0}, {'0': 3.0, '1': 4.1})) == (
         'LRPET worse')
-    one = q.paired_comparison({'0': 1.0}, {'0': 0.0})
-    assert one['ci95'] is None and q.verdict(one) == 'n/a'
+    one = stats.paired_comparison({'0': 1.0}, {'0': 0.0})
+    assert one['ci95'] is None and stats.verdict(one) == 'n/a'
 
 
 def test_the_half_rows_continue_the_schedule_of_the_baseline() -> None:
@@ -52,7 +53,7 @@ def test_the_half_rows_continue_the_schedule_of_the_baseline() -> None:
     from mmengine.registry import PARAM_SCHEDULERS
 
     def lrs(task, second_half):
-        schedulers, lr = q.schedulers(task, second_half)
+        schedulers, lr = configs.schedulers(task, second_half)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
         wrapper = OptimWrapper(opt)
         built = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in schedulers]
@@ -64,22 +65,22 @@ def test_the_half_rows_continue_the_schedule_of_the_baseline() -> None:
         return out
 
     for key in ('det', 'seg'):
-        task = q.default_settings(tasks=[key], det_iters=40, seg_iters=40).tasks[0]
+        task = configs.default_settings(tasks=[key], det_iters=40, seg_iters=40).tasks[0]
         full, half = lrs(task, False), lrs(task, True)
         assert half == pytest.approx(full[20:], rel=1e-6), key
         assert full[0] != full[-1]
 
 
 def test_default_settings_and_bad_values() -> None:
-    full = q.default_settings(tasks=['seg'])
+    full = configs.default_settings(tasks=['seg'])
     assert full.mode == 'full' and full.seeds == (0, 1, 2, 3, 4) and full.num_val == 100
     assert [t.key for t in full.tasks] == ['seg'] and full.tasks[0].flops_reduction == 0.3
-    quick = q.default_settings(quick=True)
+    quick = configs.default_settings(quick=True)
     assert quick.mode == 'quick' and len(quick.seeds) == 2 and quick.tasks[0].key == 'det'
     for kwargs, match in ((dict(seeds=0), 'seeds'), (dict(det_iters=7), 'even'),
                           (dict(tasks=['cls']), 'tasks'), (dict(seg_iters=True), 'seg_iters')):
         with pytest.raises(ValueError, match=match):
-            q.default_settings(**kwargs)
+            configs.default_settings(**kwargs)
 
 
 def test_bad_arguments_exit_with_status_2(capsys) -> None:
@@ -91,8 +92,8 @@ def test_bad_arguments_exit_with_status_2(capsys) -> None:
 
 
 # ------------------------------------------------------------------------------ end to end
-def check_results(results: dict, settings: q.BenchSettings, task_key: str,
-                  rows=q.ROW_KEYS) -> dict:
+def check_results(results: dict, settings: configs.BenchSettings, task_key: str,
+                  rows=configs.ROW_KEYS) -> dict:
     assert results['complete'] and not results['errors'], results['errors']
     task = results['tasks'][task_key]
     assert set(task['rows']) == set(rows)
@@ -121,6 +122,7 @@ def check_results(results: dict, settings: q.BenchSettings, task_key: str,
     return task
 
 
+@pytest.mark.slow
 def test_quick_run_of_every_row(tmp_path: Path) -> None:
     """Every row of the segmentation task, one seed (the paired statistics over two seeds
     are checked by the detection run below, to keep the suite short)."""
@@ -131,13 +133,13 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
                         str(tmp_path / 'cache')])
     assert code == 0
     results = json.loads((out / 'quality_seg.json').read_text())
-    settings = q.default_settings(quick=True, tasks=['seg'], seeds=1)
+    settings = configs.default_settings(quick=True, tasks=['seg'], seeds=1)
     check_results(results, settings, 'seg')
     pre = results['pretrained']
     assert Path(pre['file']).parent.parent == tmp_path / 'cache' and not pre['cached']
     assert 0 <= pre['test_accuracy_pct'] <= 100
     text = (out / 'quality_seg.md').read_text()
-    for row in q.ROWS:
+    for row in configs.ROWS:
         assert f'| {row.label} |' in text
     assert '95 % CI' in text and 'Quick mode' in text
     # a seed fixes the starting point and the data order: the baseline of seed 0 is
@@ -151,6 +153,7 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
             == results['tasks']['seg']['rows']['baseline']['seeds']['0']['metric'])
 
 
+@pytest.mark.slow
 def test_quick_detection_on_a_user_data_root(tmp_path: Path) -> None:
     """Detection (mmdet ResNet, FPN) on a VOCdevkit given by the user; the rows whose code
     differs by task (baseline, the hook, pruning of the mmdet backbone), to keep it short."""
@@ -158,10 +161,10 @@ def test_quick_detection_on_a_user_data_root(tmp_path: Path) -> None:
     root = generate_synthetic_voc(tmp_path / 'mine' / 'VOCdevkit', num_train=6, num_val=5,
                                   img_size=(144, 112), seed=3, hard=True,
                                   classes=('person', 'car', 'dog', 'cat', 'aeroplane'))
-    settings = q.default_settings(quick=True, tasks=['det'])
-    code, results = q.run_benchmark(settings, tmp_path / 'work', tmp_path / 'out', rows=rows,
-                                    data_root=root, cache_dir=tmp_path / 'cache',
-                                    log=lambda m: None)
+    settings = configs.default_settings(quick=True, tasks=['det'])
+    code, results = orchestration.run_benchmark(
+        settings, tmp_path / 'work', tmp_path / 'out', rows=rows, data_root=root,
+        cache_dir=tmp_path / 'cache', log=lambda m: None)
     assert code == 0
     check_results(results, settings, 'det', rows)
     assert results['data']['root'] == str(root)

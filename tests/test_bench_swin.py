@@ -3,7 +3,11 @@ benchmarks/): a tiny Swin is planned, projected, factorized, counted, exported, 
 timed; bad arguments are refused."""
 import json
 
+import pytest
+
 from helpers import load_repo_script
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 
 def load_script():

@@ -1,4 +1,4 @@
-"""Pointing a config's dataloaders at another data root (lrpet_mm.datasets.config_data_root)."""
+"""Pointing a config's dataloaders at another data root (benchlib.config_data_root)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from typing import Iterator, List
 
 import pytest
 
+from benchlib.config_data_root import replace_data_root, set_data_root
 from helpers import DET_TOY, SEG_TOY, load_toy_config
-from lrpet_mm.datasets import replace_data_root, set_data_root
 
 
 @pytest.mark.parametrize('old, new, expected', [

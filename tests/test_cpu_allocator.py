@@ -1,6 +1,7 @@
-"""lrpet_mm.deploy.retain_freed_memory: after it, an eager forward pass no longer page-faults
-its activations in again (counted with getrusage in fresh processes: the setting is
-process-wide and final, so it never runs in the test process itself)."""
+"""benchlib.cpu_allocator.retain_freed_memory (for the benchmarks' eager CPU timings): after
+it, an eager forward pass no longer page-faults its activations in again (counted with
+getrusage in fresh processes: the setting is process-wide and final, so it never runs in the
+test process itself)."""
 import json
 import platform
 import subprocess
@@ -8,13 +9,14 @@ import sys
 
 import pytest
 
-from lrpet_mm.deploy import retain_freed_memory
+from benchlib.cpu_allocator import retain_freed_memory
+from helpers import REPO_ROOT
 
 FORWARD_FAULTS = r'''
 import json, resource, sys
 import torch
 from torch import nn
-from lrpet_mm.deploy import retain_freed_memory
+from benchlib.cpu_allocator import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == 'retain' else None
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -33,11 +35,13 @@ print(json.dumps(dict(applied=applied, faults=sorted(counts[3:])[2])))
 
 
 def forward_faults(mode: str) -> dict:
+    # run in benchmarks/, where ``benchlib`` is importable (``-c`` puts the cwd on sys.path)
     out = subprocess.run([sys.executable, '-c', FORWARD_FAULTS, mode], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, cwd=REPO_ROOT / 'benchmarks')
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_retained_memory_stops_page_faults_in_every_forward():
     assert platform.libc_ver()[0] == 'glibc'  # the project's supported platform (Linux)
     default, retained = forward_faults('default'), forward_faults('retain')

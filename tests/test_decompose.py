@@ -7,15 +7,9 @@ import torch
 from torch import nn
 
 import lrpet_mm  # noqa: F401  (registers LRPETFactorized)
+from benchlib.decompose import components_of, decompose_model, fold_factorized_norms
 from lrpet_mm.lowrank import LowRankConv2d, plan_ranks, select_targets
-from lrpet_mm.models import (
-    LRPETFactorized,
-    components_of,
-    decompose_model,
-    factorize_model,
-    fold_factorized_norms,
-    planned_layers,
-)
+from lrpet_mm.models import LRPETFactorized, factorize_model, planned_layers
 
 
 def test_components_of() -> None:
@@ -142,6 +136,7 @@ def test_fold_factorized_norms_keeps_outputs_and_gives_the_lrpet_structure() -> 
         fold_factorized_norms(model, norms)
 
 
+@pytest.mark.slow
 def test_lra_path_on_the_mmdet_resnet() -> None:
     """Decompose a (random, full-rank) mmdet ResNet-18, load it strictly into the
     ``LRPETFactorized`` structure with BNs kept (the LRA fine-tuning network), fold it, and get

@@ -32,6 +32,8 @@ from helpers import DET_TOY, REPO_ROOT, load_toy_config
 from lrpet_mm.engine import assign_layers
 from lrpet_mm.utils import upstream_tool
 
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
+
 TESTS_DIR = Path(__file__).resolve().parent
 WORLD_SIZE = 2
 #: mmengine's default wrap (``broadcast_buffers=False``) except for the CPU ``device_ids``

@@ -15,15 +15,13 @@ from mmengine.config import Config
 from torch import nn
 
 import lrpet_mm  # noqa: F401
+from benchlib.fold import fold_batchnorms
 from benchlib.synthetic import synthetic_compact_model
 from helpers import CONFIG_DIR, DET_TOY, SEG_TOY, load_repo_script
 from lrpet_mm.deploy import (
-    PARTS,
     OnnxMismatchError,
-    check_part,
     export_onnx,
     export_wrapper,
-    fold_batchnorms,
     latency_aware_merge,
     low_rank_layers,
     max_normalized_error,
@@ -33,6 +31,8 @@ from lrpet_mm.deploy import (
 from lrpet_mm.deploy import latency as latency_module
 from lrpet_mm.lowrank import LowRankConv2d, factorize_conv
 from lrpet_mm.models import compact_config
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / 'tools' / 'export_onnx.py'
@@ -62,7 +62,7 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> list:
 
 def torch_outputs(model: nn.Module, shape, x: torch.Tensor) -> list:
     """The backbone's feature maps, as export_onnx's graph gives them."""
-    wrapper = export_wrapper(model, 'backbone', shape)
+    wrapper = export_wrapper(model, shape)
     with torch.no_grad():
         out = wrapper(x)
     assert isinstance(out, tuple)
@@ -86,14 +86,14 @@ def test_compact_backbone_onnx_reproduces_the_original_and_is_smaller(request, t
     synthetic = request.getfixturevalue(which)
     files = {}
     for name, model in (('original', synthetic.original), ('compact', synthetic.compact.model)):
-        result = export_onnx(model, 'backbone', shape, tmp_path / f'{name}.onnx', threads=1)
+        result = export_onnx(model, shape, tmp_path / f'{name}.onnx', threads=1)
         assert result.check is not None and result.check.passed
         assert result.check.max_error <= TOL
         assert result.path.is_file() and result.size_bytes == result.path.stat().st_size
-        assert result.part == 'backbone' and result.input_shape == shape
+        assert result.input_shape == shape
         # ResNet-18 with out_indices (0, 1, 2, 3): four feature maps
         assert result.output_names == [f'backbone_{i}' for i in range(4)]
-        assert set(result.to_dict()) == {'path', 'size_bytes', 'part', 'input_shape',
+        assert set(result.to_dict()) == {'path', 'size_bytes', 'input_shape',
                                          'output_names', 'check', 'merge', 'low_rank_layers'}
         assert result.to_dict()['check']['passed'] is True
         files[name] = result
@@ -261,13 +261,13 @@ def test_cli_exports_the_compact_backbone_by_default_with_the_merge_and_checks_i
     cfg.dump(str(config))
     torch.save(dict(state_dict=seg.compact.model.state_dict()), checkpoint)
     out = tmp_path / 'onnx' / 'seg_backbone.onnx'
-    proc = subprocess.run(  # no --part: the backbone is the default
+    proc = subprocess.run(
         [sys.executable, str(EXPORT), str(config), str(checkpoint),
          '--input-shape', *map(str, SEG_SHAPE), '--out', str(out), '--merge-repeats', '2',
          '--threads', '1'], capture_output=True, text=True, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     c, h, w = SEG_SHAPE
-    assert f'exported backbone at 1x{c}x{h}x{w} to {out}' in proc.stdout
+    assert f'exported the backbone at 1x{c}x{h}x{w} to {out}' in proc.stdout
     assert f'ONNX file size: {out.stat().st_size / 2**20:.2f} MiB' in proc.stdout
     merge = re.search(r'latency-aware merge \(onnxruntime, 1 threads\): (\d+) of (\d+) '
                       r'low-rank layers merged back into one layer .*, (\d+) kept factorized',
@@ -288,47 +288,21 @@ def test_cli_exports_the_compact_backbone_by_default_with_the_merge_and_checks_i
         assert max_normalized_error(g, e) <= TOL
 
 
-@pytest.mark.parametrize('part', ['segmentor', 'detector-features'])
-def test_removed_parts_are_refused_with_a_pointer_to_tools_deploy(det, seg, tmp_path, part):
-    assert PARTS == ('backbone', )
-    message = (rf"part '{part}' is no longer exported here: deploy the whole segmentor / "
-               r'detector with tools/deploy.py \(mmdeploy\); this exporter writes the backbone '
-               r'only \(choose one of: backbone\)')
-    with pytest.raises(ValueError, match=message):
-        check_part(part)
-    for model in (det.compact.model, seg.compact.model):
-        with pytest.raises(ValueError, match=message):
-            export_onnx(model, part, SEG_SHAPE, tmp_path / 'x.onnx', threads=1)
-        with pytest.raises(ValueError, match=message):
-            export_wrapper(model, part, SEG_SHAPE)
+def test_cli_has_no_part_option(tmp_path, capsys):
+    tool = load_repo_script('tools/export_onnx.py', 'export_onnx_tool_part')
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(CONFIG_DIR / f'{SEG_TOY}.py'), str(tmp_path / 'x.pth'), '--part',
+                   'backbone', '--out', str(tmp_path / 'x.onnx')])
+    assert exit_info.value.code == 2
+    assert 'unrecognized arguments: --part backbone' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_cli_refuses_a_removed_part_with_exit_status_2_and_writes_nothing(tmp_path):
-    # a valid config and a checkpoint that does not match it: the part is refused before
-    # the model is built or loaded
-    ckpt = tmp_path / 'seg.pth'
-    torch.save(dict(state_dict={}), ckpt)
-    out = tmp_path / 'onnx' / 'x.onnx'
-    proc = subprocess.run(
-        [sys.executable, str(EXPORT), str(CONFIG_DIR / f'{SEG_TOY}.py'), str(ckpt),
-         '--part', 'detector-features', '--out', str(out)],
-        capture_output=True, text=True, cwd=str(REPO))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert ("error: part 'detector-features' is no longer exported here: deploy the whole "
-            'segmentor / detector with tools/deploy.py (mmdeploy); this exporter writes the '
-            'backbone only (choose one of: backbone)') in proc.stderr
-    assert 'Traceback' not in proc.stderr and 'invalid choice' not in proc.stderr
-    assert proc.stdout == ''
-    assert not out.exists() and not out.parent.exists()
-    assert list(tmp_path.iterdir()) == [ckpt]
 
 
 def test_failed_check_raises_and_writes_nothing(det, tmp_path):
     out = tmp_path / 'backbone.onnx'
     with pytest.raises(OnnxMismatchError, match=r"outputs \{'backbone_\d'.*exceed the "
                                                 r'tolerance 1e-15'):
-        export_onnx(det.compact.model, 'backbone', DET_SHAPE, out, tol=1e-15, threads=1)
+        export_onnx(det.compact.model, DET_SHAPE, out, tol=1e-15, threads=1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -346,16 +320,11 @@ def test_bad_inputs_give_clear_errors(det, tmp_path, capsys):
     assert "nope.py' does not exist" in error(
         [str(tmp_path / 'nope.py'), str(ckpt), *out])
     assert "missing.pth' does not exist" in error(
-        [str(config), str(tmp_path / 'missing.pth'), '--part', 'backbone', *out])
+        [str(config), str(tmp_path / 'missing.pth'), *out])
     assert 'does not match the config\'s model: missing keys' in error(
         [str(config), str(ckpt), *out])
     assert 'error: input shape must be three positive integers (C, H, W), got [3, 0, 64]' in \
         error([str(config), str(ckpt), '--input-shape', '3', '0', '64', *out])
-    assert "error: unknown part 'neck'; choose one of backbone\n" in error(
-        [str(config), str(ckpt), '--part', 'neck', *out])
-    assert "error: part 'segmentor' is no longer exported here: deploy the whole segmentor / " \
-        'detector with tools/deploy.py (mmdeploy)' in error(
-            [str(config), str(ckpt), '--part', 'segmentor', *out])
     with pytest.raises(SystemExit) as exit_info:
         tool.main([str(config), str(ckpt)])  # --out is still required
     assert exit_info.value.code == 2
@@ -365,15 +334,13 @@ def test_bad_inputs_give_clear_errors(det, tmp_path, capsys):
     assert "argument --input-shape: invalid int value: 'x'" in capsys.readouterr().err
 
     model = det.compact.model
-    with pytest.raises(ValueError, match=r"unknown part 'neck'; choose one of backbone$"):
-        export_onnx(model, 'neck', DET_SHAPE, tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r'input shape must be three positive integers '
                                          r'\(C, H, W\), got \(3, 0, 64\)'):
-        export_onnx(model, 'backbone', (3, 0, 64), tmp_path / 'x.onnx')
+        export_onnx(model, (3, 0, 64), tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r'got \(3, 64\)'):
-        export_onnx(model, 'backbone', (3, 64), tmp_path / 'x.onnx')
-    with pytest.raises(ValueError, match=r"part 'backbone': Linear has no backbone"):
-        export_onnx(nn.Linear(2, 2), 'backbone', DET_SHAPE, tmp_path / 'x.onnx')
+        export_onnx(model, (3, 64), tmp_path / 'x.onnx')
+    with pytest.raises(ValueError, match=r"Linear has no backbone to export"):
+        export_onnx(nn.Linear(2, 2), DET_SHAPE, tmp_path / 'x.onnx')
     with pytest.raises(ValueError, match=r"output file '.*x.pt' must end in .onnx"):
-        export_onnx(model, 'backbone', DET_SHAPE, tmp_path / 'x.pt')
+        export_onnx(model, DET_SHAPE, tmp_path / 'x.pt')
     assert list(tmp_path.iterdir()) == [ckpt]

@@ -12,6 +12,8 @@ from lrpet_mm.lowrank import LowRankConv2d, LowRankProjector, plan_ranks, select
 from lrpet_mm.lowrank.factorize import apply_factorized_structure
 from lrpet_mm.models import NotLowRankError, factorize_model, measure_rank_errors
 
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
+
 
 def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every BN non-trivial statistics so BN folding is really exercised."""

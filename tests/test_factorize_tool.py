@@ -14,9 +14,11 @@ import torch
 import lrpet_mm  # noqa: F401
 from helpers import CONFIG_DIR, load_repo_script
 from lrpet_mm.models import factorize_checkpoint
-from lrpet_mm.models.factorize_checkpoint import load_config
+from lrpet_mm.models.loading import load_config
 from lrpet_mm.report import evaluate_checkpoint
 from lrpet_mm.utils import upstream_tool
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 factorize_cli = load_repo_script('tools/factorize.py', 'factorize_cli')

@@ -14,6 +14,8 @@ from helpers import lrpet_train_config
 from lrpet_mm.engine import LRPETHook
 from lrpet_mm.lowrank import ProjectionError
 
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
+
 SEG = 'pspnet_r18-d8_toy_voc12aug'
 
 

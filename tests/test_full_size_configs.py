@@ -10,8 +10,10 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 import lrpet_mm  # noqa: F401
-from lrpet_mm.datasets import set_data_root
+from benchlib.config_data_root import set_data_root
 from lrpet_mm.engine import LRPETHook
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'lrpet'
 
@@ -102,9 +104,8 @@ def test_swin_config_plans_its_flops_budget_on_the_linear_layers(voc_root, tmp_p
     the toy Swin configs train with the hook (tests/test_linear_layers.py)."""
     from mmengine.registry import MODELS, init_default_scope
 
+    from lrpet_mm.engine import LRPETSettings
     from lrpet_mm.engine.input_shape import resolve_input_shape
-    from lrpet_mm.engine.planning import plan_targets
-    from lrpet_mm.lowrank import select_targets
     cfg = full_size_config(name, voc_root, tmp_path)
     assert cfg.default_scope == scope and cfg.model.backbone.type == 'SwinTransformer'
     assert cfg.custom_hooks == [dict(type='LRPETHook', flops_reduction=0.3,
@@ -113,9 +114,10 @@ def test_swin_config_plans_its_flops_budget_on_the_linear_layers(voc_root, tmp_p
     assert resolve_input_shape(cfg) == shape
     init_default_scope(scope)
     model = MODELS.build(cfg.model).eval()
-    selection = select_targets(model)
-    plan, result = plan_targets(model, selection, 'backbone', flops_reduction=0.3,
-                                input_shape=shape, rank_multiple=8)
+    settings = LRPETSettings.from_config(cfg)  # the hook's own settings and planning rule
+    selection = settings.select_targets(model)
+    plan, result = settings.plan(model, selection, cfg)
+    assert result.input_shape == shape
     target = 0.7 * result.flops_before
     assert abs(result.flops_after - target) <= 0.01 * target
     # Swin-T: 12 blocks x (qkv, proj, 2 FFN layers) + 3 patch mergings; the square attention

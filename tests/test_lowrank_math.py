@@ -234,7 +234,7 @@ def test_bn_rectification_in_span_makes_folded_weight_its_projection(device):
 
     a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
     folded = a[:, None] * original.reshape(16, -1)
-    folded_k = project_low_rank(folded, k, energy_transfer=True, method='svd').matrix
+    folded_k = project_low_rank(folded, k, energy_transfer=True).matrix
     new_folded = bn_scale(bn)[:, None] * conv.weight.detach().reshape(16, -1)
     assert torch.allclose(new_folded, folded_k, rtol=1e-9, atol=1e-12)
     assert torch.allclose(conv.weight.reshape(16, -1), folded_k / a[:, None], rtol=1e-9,

@@ -20,8 +20,10 @@ from lrpet_mm.deploy.merged_checkpoint import (
 from lrpet_mm.deploy.mmdeploy_export import backend_model, deploy_config
 from lrpet_mm.lowrank.factorize import apply_factorized_structure, set_submodule
 from lrpet_mm.models import factorize_checkpoint
-from lrpet_mm.models.factorize_checkpoint import load_config, load_model_and_checkpoint
+from lrpet_mm.models.loading import load_config, load_model_and_checkpoint
 from lrpet_mm.report import evaluate_checkpoint
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 deploy_cli = load_repo_script('tools/deploy.py', 'deploy_cli')
 

@@ -1,8 +1,8 @@
-"""The synthetic classification set and the package-made pretrained ResNet deep-stem backbone."""
+"""The benchmarks' synthetic classification set and pretrained ResNet deep-stem backbone
+(``benchlib.synthetic_classification``, ``benchlib.pretrained_backbone``)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import shutil
 import time
 from pathlib import Path
@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from lrpet_mm.datasets import make_shape_classification
-from lrpet_mm.models import PretrainedBackbone, PretrainSettings, pretrained_backbone
-from lrpet_mm.models.pretrained_backbone import FORMAT_VERSION, checkpoint_name
-
-# the submodule (``lrpet_mm.models.pretrained_backbone`` as an attribute is the function)
-pb_module = importlib.import_module('lrpet_mm.models.pretrained_backbone')
+from benchlib import pretrained_backbone as pb_module
+from benchlib.pretrained_backbone import (
+    FORMAT_VERSION,
+    PretrainedBackbone,
+    PretrainSettings,
+    checkpoint_name,
+    pretrained_backbone,
+)
+from benchlib.synthetic_classification import make_shape_classification
 
 
 def _quiet(_msg: str) -> None:

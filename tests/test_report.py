@@ -23,6 +23,8 @@ from lrpet_mm.report.complexity import measure_complexity
 from lrpet_mm.report.markdown import build_rows, markdown_table
 from lrpet_mm.report.report import config_scope
 
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
+
 report_cli = load_repo_script('tools/report.py', 'report_cli')
 
 SHAPE = (3, 64, 64)

@@ -1,23 +1,38 @@
-"""Resuming an LRPET run continues the projection schedule exactly."""
+"""Resuming an LRPET run in a fresh process continues it bit for bit.
+
+The real case: the upstream ``tools/train.py`` trains; a second run is killed with SIGKILL right
+after a checkpoint written between two projections (and before the validation that follows
+it), and a new process resumes from that checkpoint with ``--resume``. Its final weights must
+equal those of the uninterrupted run exactly.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
-from mmengine.runner import Runner
 
-import lrpet_mm  # noqa: F401
-from helpers import lrpet_train_config
-from lrpet_mm.engine import LRPETHook
-from lrpet_mm.engine.checkpoint_meta import BASES_KEY
+from helpers import REPO_ROOT, SEG_TOY, lrpet_train_config
+from lrpet_mm.utils.upstream import upstream_tool
 
-SEG = 'pspnet_r18-d8_toy_voc12aug'
+pytestmark = pytest.mark.slow
+
+TESTS_DIR = Path(__file__).resolve().parent
+MAX_ITERS = 6
+CHECKPOINT_AT = 3  # between the projections at iterations 2 and 4; validation follows it
 
 
-def deterministic_seg_config(voc_root, work_dir, max_iters: int):
-    """Toy PSPNet without random ops: fixed resize, no crop/flip/photometric, no dropout."""
-    cfg = lrpet_train_config(SEG, voc_root, work_dir,
-                             dict(type='IterBasedTrainLoop', max_iters=max_iters,
-                                  val_interval=100), checkpoint_interval=3)
+def deterministic_seg_config(voc_root, work_dir: Path, kill_at: int = 0) -> Path:
+    """Toy PSPNet without random ops (fixed resize, no crop/flip/photometric, no dropout),
+    LRPET every 2 iterations with the default validation-time projection, a checkpoint and a
+    validation every 3 iterations; dumped to ``work_dir/seg.py``. With ``kill_at`` the process
+    kills itself right after that iteration's checkpoint."""
+    cfg = lrpet_train_config(SEG_TOY, voc_root, work_dir,
+                             dict(type='IterBasedTrainLoop', max_iters=MAX_ITERS,
+                                  val_interval=CHECKPOINT_AT),
+                             hook=dict(rank_ratio=0.3, interval=2),
+                             checkpoint_interval=CHECKPOINT_AT)
     pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
                 dict(type='Resize', scale=(128, 128), keep_ratio=False),
                 dict(type='PackSegInputs')]
@@ -25,82 +40,110 @@ def deterministic_seg_config(voc_root, work_dir, max_iters: int):
         dataset.pipeline = pipeline
     cfg.model.decode_head.dropout_ratio = 0.0
     cfg.model.auxiliary_head.dropout_ratio = 0.0
-    cfg.param_scheduler = []  # constant LR: the schedule length must not matter
     cfg.randomness = dict(seed=0, deterministic=True)
-    return cfg
+    if kill_at:
+        cfg.custom_imports.imports.append('kill_probe')
+        cfg.custom_hooks.append(dict(type='KillAfterCheckpoint', iteration=kill_at))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / 'seg.py'
+    cfg.dump(str(path))
+    return path
 
 
-class SimulatedInterrupt(Exception):
-    pass
+def train(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """The upstream mmseg ``tools/train.py`` in a new process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(TESTS_DIR), str(REPO_ROOT)] + ([os.environ['PYTHONPATH']]
+                                            if os.environ.get('PYTHONPATH') else [])))
+    return subprocess.run([sys.executable, str(upstream_tool('mmseg', 'train.py')), str(config),
+                           *args], cwd=config.parent, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
-@HOOKS.register_module(force=True)
-class InterruptAfter(Hook):
-    """Test fault: the job dies right after an iteration's checkpoint was written."""
-    priority = 'LOWEST'
-
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        if runner.iter + 1 == self.iteration:
-            raise SimulatedInterrupt(f'killed after iteration {self.iteration}')
+def final_weights(work_dir: Path) -> dict:
+    checkpoint = torch.load(work_dir / f'iter_{MAX_ITERS}.pth', map_location='cpu',
+                            weights_only=False)
+    return checkpoint['state_dict']
 
 
-def projections_of(runner):
-    hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
-    return hook
+def assert_ran(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_resume_continues_the_schedule_exactly(voc_root, tmp_path, monkeypatch):
-    steps, warm = [], []
-    original = LRPETHook.project
-
-    def spy(self, runner, step):
-        steps.append(step)
-        stats = original(self, runner, step)
-        warm.append(stats.num_warm)
-        return stats
-
-    monkeypatch.setattr(LRPETHook, 'project', spy)
-
-    straight = Runner.from_cfg(deterministic_seg_config(voc_root, tmp_path / 'straight', 6))
-    straight.train()
-    straight_steps, steps[:] = list(steps), []
-    assert straight_steps == [2, 4, 6]
-    # The later projections start from the saved subspace bases (so the bit-for-bit check
-    # below covers warm starts): projection #1 is exact, #2 and #3 mostly warm.
-    assert warm[0] == 0 and min(warm[1:]) > 0, warm
-
-    cfg = deterministic_seg_config(voc_root, tmp_path / 'split', 6)
-    cfg.custom_hooks.append(dict(type='InterruptAfter', iteration=3))
-    with pytest.raises(SimulatedInterrupt):
-        Runner.from_cfg(cfg).train()  # killed right after iteration 3 was checkpointed
-    assert steps == [2]
-    steps[:] = []
-    saved = torch.load(tmp_path / 'split' / 'iter_3.pth', map_location='cpu', weights_only=False)
-    assert set(saved[BASES_KEY]) == {d['name'] for d in saved['meta']['lrpet']['plan']['layers']}
-    cfg = deterministic_seg_config(voc_root, tmp_path / 'split', 6)
-    cfg.resume = True
-    cfg.load_from = str(tmp_path / 'split' / 'iter_3.pth')
-    second = Runner.from_cfg(cfg)
-    second.train()
-    assert steps == [4, 6]
-    hook = projections_of(second)
-    assert hook.num_projections == 3 and hook.last_projected_step == 6  # 2 (before), 4, 6
-    for key, value in straight.model.state_dict().items():
-        assert torch.equal(second.model.state_dict()[key], value), key
+@pytest.fixture(scope='module')
+def killed_checkpoint(voc_root, tmp_path_factory) -> Path:
+    """The checkpoint a run killed with SIGKILL right after iteration 3 left behind."""
+    work_dir = tmp_path_factory.mktemp('killed')
+    result = train(deterministic_seg_config(voc_root, work_dir, kill_at=CHECKPOINT_AT))
+    assert result.returncode == -9, result.stderr[-3000:]  # SIGKILL
+    assert sorted(p.name for p in work_dir.glob('iter_*.pth')) == [f'iter_{CHECKPOINT_AT}.pth']
+    return work_dir / f'iter_{CHECKPOINT_AT}.pth'
 
 
-def test_load_from_plain_checkpoint_is_a_warm_start(voc_root, tmp_path):
-    cfg = deterministic_seg_config(voc_root, tmp_path / 'plain', 2)
+def resumable_work_dir(voc_root, work_dir: Path, checkpoint: dict) -> Path:
+    """A fresh work dir holding ``checkpoint`` as its last checkpoint (what ``--resume``
+    reads), and the config without the fault."""
+    config = deterministic_seg_config(voc_root, work_dir)
+    torch.save(checkpoint, work_dir / f'iter_{CHECKPOINT_AT}.pth')
+    (work_dir / 'last_checkpoint').write_text(str(work_dir / f'iter_{CHECKPOINT_AT}.pth'))
+    return config
+
+
+def test_fresh_process_resumes_a_killed_run_bit_for_bit(voc_root, tmp_path, killed_checkpoint):
+    straight = deterministic_seg_config(voc_root, tmp_path / 'straight')
+    assert_ran(train(straight))
+
+    saved = torch.load(killed_checkpoint, map_location='cpu', weights_only=False)
+    state = saved['meta']['lrpet']
+    assert state['last_projected_step'] == 2 and state['num_projections'] == 1
+    assert 'lrpet_bases' not in saved  # no projection state besides the schedule
+
+    # a new process, without the fault, resumes from the killed run's checkpoint
+    result = train(resumable_work_dir(voc_root, tmp_path / 'split', saved), '--resume')
+    assert_ran(result)
+    assert f'resumed epoch: 0, iter: {CHECKPOINT_AT}' in result.stdout + result.stderr
+    expected, actual = final_weights(tmp_path / 'straight'), final_weights(tmp_path / 'split')
+    assert set(actual) == set(expected)
+    different = [key for key in expected if not torch.equal(actual[key], expected[key])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:5]}'
+    final = torch.load(tmp_path / 'split' / f'iter_{MAX_ITERS}.pth', map_location='cpu',
+                       weights_only=False)['meta']['lrpet']
+    assert final['num_projections'] == 3 and final['last_projected_step'] == MAX_ITERS
+
+
+def test_checkpoint_of_an_older_version_with_subspace_bases_still_resumes(voc_root, tmp_path,
+                                                                           killed_checkpoint):
+    """lrpet_mm before 2026-12 saved warm-start bases under 'lrpet_bases' (and stored settings
+    that no longer exist); such a checkpoint resumes, the bases ignored with a log line."""
+    checkpoint = torch.load(killed_checkpoint, map_location='cpu', weights_only=False)
+    layers = checkpoint['meta']['lrpet']['plan']['layers']
+    checkpoint['lrpet_bases'] = {d['name']: torch.zeros(min(d['out_features'], d['in_features']),
+                                                        d['rank']) for d in layers}
+    checkpoint['meta']['lrpet']['settings'].update(rank_allocation='uniform', warm_start=True)
+    result = train(resumable_work_dir(voc_root, tmp_path / 'old', checkpoint), '--resume')
+    assert_ran(result)
+    log = result.stdout + result.stderr
+    assert "ignoring 'lrpet_bases' in the checkpoint" in log
+    assert 'settings differ' not in log
+    final = torch.load(tmp_path / 'old' / f'iter_{MAX_ITERS}.pth', map_location='cpu',
+                       weights_only=False)['meta']['lrpet']
+    assert final['num_projections'] == 3
+
+
+def test_load_from_plain_checkpoint_plans_from_the_loaded_weights(voc_root, tmp_path):
+    from mmengine.runner import Runner
+
+    from lrpet_mm.engine import LRPETHook
+
+    cfg = lrpet_train_config(SEG_TOY, voc_root, tmp_path / 'plain',
+                             dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100))
     cfg.custom_hooks = []
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=2)
     Runner.from_cfg(cfg).train()
     plain = torch.load(tmp_path / 'plain' / 'iter_2.pth', map_location='cpu', weights_only=False)
     assert 'lrpet' not in plain['meta']
 
-    cfg = deterministic_seg_config(voc_root, tmp_path / 'warm', 2)
+    cfg = lrpet_train_config(SEG_TOY, voc_root, tmp_path / 'warm',
+                             dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100))
     cfg.load_from = str(tmp_path / 'plain' / 'iter_2.pth')
     runner = Runner.from_cfg(cfg)
     seen = {}
@@ -116,5 +159,5 @@ def test_load_from_plain_checkpoint_is_a_warm_start(voc_root, tmp_path):
     finally:
         LRPETHook.build_plan = original
     assert torch.equal(seen['weights'], plain['state_dict']['backbone.layer2.0.conv1.weight'])
-    hook = projections_of(runner)
+    hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
     assert hook.num_projections == 1 and hook.last_projected_step == 2

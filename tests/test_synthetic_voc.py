@@ -257,7 +257,7 @@ def test_mmdet_upstream_voc0712_train_set_loads(voc_root: Path, tmp_path: Path) 
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    from lrpet_mm.datasets import set_data_root
+    from benchlib.config_data_root import set_data_root
     register_all_modules(init_default_scope=False)
 
     cfg_file = tmp_path / 'upstream.py'

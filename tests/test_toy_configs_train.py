@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from helpers import DET_TOY, SEG_TOY, load_toy_config
+
+pytestmark = pytest.mark.slow  # drives a runner, a training, a tool or a benchmark
 
 
 def test_faster_rcnn_toy_trains_one_epoch(voc_root: Path, tmp_path: Path) -> None:

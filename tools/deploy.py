@@ -22,7 +22,7 @@ import sys
 from lrpet_mm.deploy.latency import low_rank_layers
 from lrpet_mm.deploy.merged_checkpoint import latency_merge_checkpoint
 from lrpet_mm.deploy.mmdeploy_export import BACKENDS, deploy_model, evaluate_deployed
-from lrpet_mm.models.factorize_checkpoint import build_model_from_config, load_config
+from lrpet_mm.models.loading import build_model_from_config, load_config
 from lrpet_mm.utils.cli import add_cfg_options, add_input_shape, run_tool, tool_parser
 
 

@@ -4,11 +4,11 @@ it against PyTorch in onnxruntime.
 
 example:
     python tools/export_onnx.py CONFIG CHECKPOINT --out FILE.onnx \
-        [--part backbone] [--input-shape C H W] [--no-latency-aware] [--no-check]
+        [--input-shape C H W] [--no-latency-aware] [--no-check]
 
 CONFIG/CHECKPOINT: tools/factorize.py's *_lowrank.py / *_lowrank.pth, or an original pair.
-Only the backbone is exported (--part backbone, the default). Deploy the whole detector /
-segmentor (post-processing included) with tools/deploy.py (mmdeploy).
+Only the backbone is exported. Deploy the whole detector / segmentor (post-processing
+included) with tools/deploy.py (mmdeploy).
 By default low-rank layers measured slower (onnxruntime, this machine, this input size) than
 their merged single conv (or linear layer) are merged back first (--no-latency-aware keeps all
 factorized).
@@ -16,10 +16,8 @@ factorized).
 import sys
 
 from lrpet_mm.deploy import (
-    PARTS,
     OnnxMismatchError,
     check_onnx_path,
-    check_part,
     export_onnx,
     format_size,
     load_model,
@@ -32,11 +30,6 @@ def parse_args(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument('config', help='model config (e.g. tools/factorize.py\'s *_lowrank.py)')
     parser.add_argument('checkpoint', help='checkpoint matching the config')
-    # validated by check_part (not argparse choices): a removed part gets a pointer to
-    # tools/deploy.py, exit status 2
-    parser.add_argument('--part', default='backbone',
-                        help=f'what to export: {" | ".join(PARTS)} (default: backbone); the '
-                        'whole detector / segmentor is deployed with tools/deploy.py')
     parser.add_argument('--out', required=True, help='output .onnx file')
     add_input_shape(parser, 'fixed input shape of the graph (batch 1); default from the '
                     'config (mmseg crop_size, else the test Resize scale)')
@@ -66,19 +59,18 @@ def main(argv=None) -> int:
 
 
 def export(args) -> int:
-    check_part(args.part)  # cheap checks before building the model
-    check_onnx_path(args.out)
+    check_onnx_path(args.out)  # cheap checks before building the model
     if args.input_shape is not None:
         check_input_shape(args.input_shape)
     model, cfg = load_model(args.config, args.checkpoint, args.cfg_options)
     shape = resolve_input_shape(cfg, args.input_shape)
-    result = export_onnx(model, args.part, shape, args.out, opset=args.opset,
+    result = export_onnx(model, shape, args.out, opset=args.opset,
                          check=not args.no_check, tol=args.tol,
                          latency_aware=not args.no_latency_aware,
                          merge_runtime=args.merge_runtime, merge_repeats=args.merge_repeats,
                          merge_margin=args.merge_margin, threads=args.threads)
     c, h, w = result.input_shape
-    print(f'exported {args.part} at 1x{c}x{h}x{w} to {result.path}')
+    print(f'exported the backbone at 1x{c}x{h}x{w} to {result.path}')
     print(f'ONNX file size: {format_size(result.size_bytes)}')
     print(f'low-rank layers in the graph: {result.low_rank_layers}')
     if result.merge is not None:

@@ -52,6 +52,11 @@ def main(argv=None) -> int:
         print(f'factorized {describe_layers(layers)} (max relative rank-k error '
               f'{max(layer.relative_error for layer in layers):.2e}); model parameters '
               f'{before} -> {after} ({100 * (1 - after / before):.1f} % fewer)')
+        if out.flops is not None:
+            flops = out.flops
+            print(f'planned FLOPs of the scope at input {tuple(flops["input_shape"])}: '
+                  f'{flops["flops_before"]} -> {flops["flops_after"]} '
+                  f'({100 * flops["reduction"]:.1f} % fewer)')
         print(f'config:     {out.config_path}')
         print(f'checkpoint: {out.checkpoint_path}')
         return 0

@@ -34,7 +34,7 @@ mmengine.analysis (one multiply-add = one FLOP) on the models as run (for the wh
 the eager tensor forward with 1000 RoIs; the deployed detector's RoI count depends on its NMS).
 
 ``allocator='retain'`` (the default) first calls
-:func:`lrpet_mm.deploy.retain_freed_memory` for the whole process, so eager PyTorch does not
+:func:`benchlib.cpu_allocator.retain_freed_memory` for the whole process, so eager PyTorch does not
 page-fault its large activations in again on every forward (onnxruntime has its own arena);
 ``'default'`` leaves glibc as it is.
 
@@ -61,19 +61,19 @@ from mmengine.config import Config
 from torch import nn
 
 from benchlib.common import REPO_ROOT, machine_info, write_results
+from benchlib.cpu_allocator import retain_freed_memory
+from benchlib.fold import fold_batchnorms
 from benchlib.synthetic import SyntheticCompact, random_init_config, synthetic_compact_model
 from lrpet_mm.deploy import (
     check_memory_format,
     default_threads,
     export_onnx,
     export_wrapper,
-    fold_batchnorms,
     interleaved_median_ms,
     latency_aware_merge,
     low_rank_layers,
     ort_runner,
     ort_session,
-    retain_freed_memory,
 )
 from lrpet_mm.deploy.merged_checkpoint import merged_config
 from lrpet_mm.deploy.mmdeploy_export import deploy_model, mmdeploy_ops_library
@@ -183,7 +183,7 @@ def _part_module(model: nn.Module, part: str, shape: Sequence[int]) -> nn.Module
         module = TensorForward(model, make_data_samples(WHOLE_PARTS[part], shape))
         module.eval()
         return module
-    return export_wrapper(model, part, shape)
+    return export_wrapper(model, shape)
 
 
 def _flops(model: nn.Module, part: str, shape: Sequence[int]) -> int:
@@ -289,7 +289,7 @@ class _Bench:
         fns, sizes = [], {}
         for variant in VARIANTS:
             path = self.tmp / f'{family}_backbone_{shape_text(shape)}_{variant}.onnx'
-            result = export_onnx(models[variant], 'backbone', shape, path, threads=self.s.threads)
+            result = export_onnx(models[variant], shape, path, threads=self.s.threads)
             sizes[variant] = result.size_bytes
             self.log(f'  exported {variant} backbone {shape_text(shape)}: '
                      f'{result.size_bytes / 2**20:.1f} MiB; {result.check.summary()}')
@@ -448,7 +448,8 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     info['load_average_start'] = list(os.getloadavg())
     info['allocator'] = 'glibc default'
     if settings.allocator == 'retain':  # process-wide and final: see retain_freed_memory
-        info['allocator'] = ('glibc, freed memory retained (lrpet_mm.deploy.retain_freed_memory)'
+        info['allocator'] = ('glibc, freed memory retained '
+                             '(benchlib.cpu_allocator.retain_freed_memory)'
                              if retain_freed_memory() else
                              'default (retain_freed_memory: not glibc, nothing changed)')
     log(f'allocator: {info["allocator"]}')

@@ -14,10 +14,12 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
+from lrpet_mm.engine import LRPETSettings
 from lrpet_mm.lowrank import RankPlan
 from lrpet_mm.lowrank.batchnorm import is_batch_norm
 from lrpet_mm.models.compact_model import CompactModel, factorize_model
-from lrpet_mm.models.factorize_checkpoint import build_model_from_config, hook_settings, plan_for
+from lrpet_mm.models.factorize_checkpoint import plan_for
+from lrpet_mm.models.loading import build_model_from_config
 
 
 def random_init_config(config: Union[str, os.PathLike]) -> Config:
@@ -86,17 +88,16 @@ def synthetic_compact_model(cfg: Config, rank_ratio: Optional[float] = None,
     ``flops_input_shape`` (C, H, W) defaults to the config's (as the hook).
     """
     if rank_ratio is None and flops_reduction is None:
-        settings = hook_settings(cfg)
-        rank_ratio = settings.get('rank_ratio')
-        flops_reduction = settings.get('flops_reduction')
-        if rank_ratio is None and flops_reduction is None:
+        settings = LRPETSettings.from_config(cfg)
+        if settings is None:
             raise ValueError('give rank_ratio or flops_reduction (the config has no LRPETHook '
                              'to read them from)')
+        rank_ratio, flops_reduction = settings.rank_ratio, settings.flops_reduction
     torch.manual_seed(seed)
     model = build_model_from_config(cfg).cpu()
     randomize_batchnorms(model, seed)
     model.eval()
-    plan = plan_for(model, {}, cfg, 'random model', rank_ratio=rank_ratio,
+    plan, _ = plan_for(model, {}, cfg, 'random model', rank_ratio=rank_ratio,
                     flops_reduction=flops_reduction, flops_input_shape=flops_input_shape)
     make_planned_convs_low_rank(model, plan, seed)
     return SyntheticCompact(model, factorize_model(model, plan), plan)

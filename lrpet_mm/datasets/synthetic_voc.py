@@ -142,7 +142,7 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 # ----------------------------------------------------------------------------- drawing
-def _shape_mask(shape: str, box: Box, size: Size) -> np.ndarray:
+def shape_mask(shape: str, box: Box, size: Size) -> np.ndarray:
     """Boolean (H, W) mask of ``shape`` drawn to fill ``box`` = (x0, y0, x1, y1), 0-based
     inclusive pixel coordinates."""
     x0, y0, x1, y1 = box
@@ -166,7 +166,7 @@ def _shape_mask(shape: str, box: Box, size: Size) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _background(rng: np.random.Generator, size: Size, hard: bool) -> np.ndarray:
+def draw_background(rng: np.random.Generator, size: Size, hard: bool) -> np.ndarray:
     """Float (H, W, 3) background in [0, 255]: a dull colour plus noise, or (hard) a texture
     of random colour gratings and blobs plus noise."""
     width, height = size
@@ -208,7 +208,7 @@ def _render_sample(rng: np.random.Generator, size: Size, classes: Tuple[str, ...
     width, height = size
     short = min(width, height)
     lo, hi = (0.15, 0.75) if hard else (0.27, 0.6)  # object side / short image side
-    image = _background(rng, size, hard)
+    image = draw_background(rng, size, hard)
     instances = np.zeros((height, width), dtype=np.uint8)  # 0 bg, k = k-th object
     class_of_instance = [0]
     objects: List[Tuple[str, Box]] = []
@@ -227,14 +227,14 @@ def _render_sample(rng: np.random.Generator, size: Size, classes: Tuple[str, ...
                 break
         else:
             continue  # no room left for a non-overlapping object
-        shape_mask = _shape_mask(shape, box, size)
-        ys, xs = np.nonzero(shape_mask)
+        obj_mask = shape_mask(shape, box, size)
+        ys, xs = np.nonzero(obj_mask)
         if len(xs) == 0:  # pragma: no cover - shapes are >= 8 px
             continue
         placed.append(box)
         tint = np.clip(np.asarray(colour, np.float64) + rng.uniform(-15, 15, size=3), 0, 255)
-        image[shape_mask] = tint + rng.normal(0, 8, size=(len(xs), 3))
-        instances[shape_mask] = len(placed)
+        image[obj_mask] = tint + rng.normal(0, 8, size=(len(xs), 3))
+        instances[obj_mask] = len(placed)
         class_of_instance.append(VOC_CLASSES.index(name) + 1)
         objects.append((name, (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1,
                                int(ys.max()) + 1)))

@@ -11,23 +11,6 @@ from torch import Tensor, nn
 
 from ..engine.input_shape import check_input_shape
 
-PARTS = ('backbone', )
-
-# parts this exporter wrote before whole-model deployment moved to mmdeploy
-REMOVED_PARTS = ('segmentor', 'detector-features')
-
-
-def check_part(part: str) -> str:
-    """``part`` if it is one of :data:`PARTS`; a ValueError otherwise (a removed part is
-    pointed to ``tools/deploy.py``)."""
-    if part in REMOVED_PARTS:
-        raise ValueError(f'part {part!r} is no longer exported here: deploy the whole segmentor '
-                         '/ detector with tools/deploy.py (mmdeploy); this exporter writes the '
-                         f'backbone only (choose one of: {", ".join(PARTS)})')
-    if part not in PARTS:
-        raise ValueError(f'unknown part {part!r}; choose one of {", ".join(PARTS)}')
-    return part
-
 
 def flatten_outputs(outputs) -> List[Tensor]:
     """The tensors of nested tuples / lists of outputs, in order."""
@@ -49,17 +32,16 @@ class BackboneForward(nn.Module):
         return tuple(flatten_outputs(self.backbone(x)))
 
 
-def export_wrapper(model: nn.Module, part: str, input_shape: Sequence[int]) -> nn.Module:
-    """The module of one tensor (1, C, H, W) that ``part`` exports (eval mode; shares the
-    model's weights).
+def export_wrapper(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+    """The module of one tensor (1, C, H, W) that is exported: the model's backbone (eval mode;
+    shares the model's weights).
 
     Raises:
-        ValueError: unknown or removed part, bad shape, or ``model`` has no backbone.
+        ValueError: bad shape, or ``model`` has no backbone.
     """
-    check_part(part)
     check_input_shape(input_shape)
     if not isinstance(getattr(model, 'backbone', None), nn.Module):
-        raise ValueError(f'part {part!r}: {type(model).__name__} has no backbone')
+        raise ValueError(f'{type(model).__name__} has no backbone to export')
     wrapper = BackboneForward(model)
     wrapper.eval()
     return wrapper

@@ -26,7 +26,7 @@ from mmengine.config import Config
 from torch import nn
 
 from ..engine.input_shape import resolve_input_shape
-from ..models.factorize_checkpoint import load_config, load_model_and_checkpoint
+from ..models.loading import load_config, load_model_and_checkpoint
 from ..utils.atomic import atomic_path, check_writable_dir
 from .latency import RUNTIMES, LatencyMergeResult, latency_aware_merge, low_rank_layers
 

@@ -115,7 +115,7 @@ def deploy_model(config: PathLike, checkpoint: PathLike, work_dir: PathLike,
     """
     from mmdeploy.apis import torch2onnx
 
-    from ..models.factorize_checkpoint import load_config
+    from ..models.loading import load_config
 
     cfg = load_config(config, cfg_options)
     if not os.path.isfile(checkpoint):
@@ -143,7 +143,7 @@ def backend_model(config: PathLike, onnx_file: PathLike, deploy_cfg: PathLike,
     ``test_step`` returns data samples like the PyTorch model's."""
     from mmdeploy.apis.utils import build_task_processor
 
-    from ..models.factorize_checkpoint import load_config
+    from ..models.loading import load_config
 
     cfg = load_config(config, cfg_options)
     processor = build_task_processor(cfg, Config.fromfile(os.fspath(deploy_cfg)), 'cpu')

@@ -1,12 +1,10 @@
 """Export the backbone of a (compact or original) mmdet / mmseg model to ONNX and check it with
 onnxruntime (latency studies of the factorized backbone).
 
-The only part (:data:`PARTS`) is ``backbone``: ``model.backbone`` as a module of one tensor,
-the *preprocessed* image batch (1, C, H, W) (mean/std normalized, as ``model._forward``
-receives it), whose outputs are the backbone's feature maps. Whole detectors / segmentors,
-post-processing included, are deployed with ``tools/deploy.py``
-(:mod:`lrpet_mm.deploy.mmdeploy_export`, mmdeploy); the parts ``segmentor`` and
-``detector-features`` this module used to write are refused with a pointer there.
+What is exported is ``model.backbone`` as a module of one tensor, the *preprocessed* image
+batch (1, C, H, W) (mean/std normalized, as ``model._forward`` receives it), whose outputs are
+the backbone's feature maps. Whole detectors / segmentors, post-processing included, are
+deployed with ``tools/deploy.py`` (:mod:`lrpet_mm.deploy.mmdeploy_export`, mmdeploy).
 
 The graph is traced at one fixed input shape (no dynamic axes).
 
@@ -31,7 +29,6 @@ from torch import Tensor, nn
 from ..engine.input_shape import check_input_shape
 from ..utils.atomic import atomic_path, check_writable_dir
 from .export_modules import (
-    check_part,
     export_wrapper,
     flatten_outputs,
     model_device,
@@ -121,7 +118,7 @@ class ExportResult:
     Attributes:
         path: the ONNX file.
         size_bytes: its size.
-        part, input_shape: what was exported, at which (C, H, W).
+        input_shape: the (C, H, W) the backbone was exported at.
         output_names: the graph's outputs, in order.
         check: the onnxruntime comparison (None with ``check=False``).
         merge: the latency-aware merge's record (None if not applied).
@@ -129,7 +126,6 @@ class ExportResult:
     """
     path: Path
     size_bytes: int
-    part: str
     input_shape: Tuple[int, int, int]
     output_names: List[str]
     check: Optional[OnnxCheck] = None
@@ -137,7 +133,7 @@ class ExportResult:
     low_rank_layers: int = 0
 
     def to_dict(self) -> dict:
-        return dict(path=str(self.path), size_bytes=self.size_bytes, part=self.part,
+        return dict(path=str(self.path), size_bytes=self.size_bytes,
                     input_shape=list(self.input_shape), output_names=list(self.output_names),
                     check=None if self.check is None else dict(asdict(self.check),
                                                                passed=self.check.passed),
@@ -149,18 +145,16 @@ def format_size(size_bytes: int) -> str:
     return f'{size_bytes / 2**20:.2f} MiB ({size_bytes} bytes)'
 
 
-def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: PathLike,
+def export_onnx(model: nn.Module, input_shape: Sequence[int], out: PathLike,
                 opset: int = DEFAULT_OPSET, check: bool = True, tol: float = DEFAULT_TOL,
                 latency_aware: bool = False, merge_runtime: str = 'onnxruntime',
                 merge_repeats: int = 10, merge_warmup: int = 2, merge_margin: float = 0.05,
                 threads: Optional[int] = None, seed: int = 0) -> ExportResult:
-    """Export ``part`` of ``model`` (a float32 CPU copy in eval mode; ``model`` itself is not
-    modified) to ``out``.
+    """Export the backbone of ``model`` (a float32 CPU copy in eval mode; ``model`` itself is
+    not modified) to ``out``.
 
     Args:
         model: an mmdet / mmseg model (original or compact).
-        part: one of :data:`PARTS` (``'backbone'``; the removed ``'segmentor'`` and
-            ``'detector-features'`` are refused: use ``tools/deploy.py``).
         input_shape: (C, H, W); the graph is fixed to batch 1 at this size.
         out: the ``.onnx`` file; its directory is created; written to a temporary file and
             renamed only after the check passed.
@@ -175,11 +169,9 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
         seed: seed of the check input.
 
     Raises:
-        ValueError: bad or removed part, bad shape / tolerance, or a model without a
-            backbone.
+        ValueError: bad shape / tolerance, or a model without a backbone.
         OnnxMismatchError: the check failed (nothing written).
     """
-    check_part(part)
     shape = check_input_shape(input_shape)
     if isinstance(opset, bool) or not isinstance(opset, int) or not 11 <= opset <= 20:
         raise ValueError(f'opset must be an integer in [11, 20], got {opset!r}')
@@ -192,7 +184,7 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
         model_dtype(model)).to(model_device(model))
     was_training = model.training
     try:
-        reference_wrapper = export_wrapper(model, part, shape)  # sets eval mode
+        reference_wrapper = export_wrapper(model, shape)  # sets eval mode
         with torch.no_grad():
             reference = flatten_outputs(reference_wrapper(x))
     finally:
@@ -204,12 +196,12 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
     merge = None
     if latency_aware:
         from .latency import latency_aware_merge
-        example_wrapper = export_wrapper(deployed, part, shape)
+        example_wrapper = export_wrapper(deployed, shape)
         merge = latency_aware_merge(deployed, lambda _m: example_wrapper(torch.zeros(1, *shape)),
                                     runtime=merge_runtime, repeats=merge_repeats,
                                     warmup=merge_warmup, margin=merge_margin, threads=threads,
                                     inplace=True)
-    wrapper = export_wrapper(deployed, part, shape)
+    wrapper = export_wrapper(deployed, shape)
     x_cpu = x.float().cpu()
     from .latency import low_rank_layers
     n_low_rank = len(low_rank_layers(deployed))
@@ -222,14 +214,14 @@ def export_onnx(model: nn.Module, part: str, input_shape: Sequence[int], out: Pa
                               do_constant_folding=True)
         import onnx
         onnx.checker.check_model(str(tmp))
-        result = ExportResult(out, tmp.stat().st_size, part, shape, names, merge=merge,
+        result = ExportResult(out, tmp.stat().st_size, shape, names, merge=merge,
                               low_rank_layers=n_low_rank)
         if check:
             result.check = check_onnx_outputs(tmp, reference, x_cpu, names, tol, threads)
             if not result.check.passed:
                 bad = {k: f'{v:.2e}' for k, v in result.check.errors.items() if not v <= tol}
                 raise OnnxMismatchError(
-                    f'onnxruntime does not reproduce PyTorch for part {part!r}: outputs {bad} '
+                    f'onnxruntime does not reproduce PyTorch for the backbone: outputs {bad} '
                     f'exceed the tolerance {tol:g} ({ERROR_METRIC}); {str(out)!r} not written')
     return result
 
@@ -240,7 +232,7 @@ def load_model(config: PathLike, checkpoint: PathLike,
     """Build the config's model (no pretrained download, ``cfg_options`` merged into the
     config) and load ``checkpoint`` with every key matched; returns (model on CPU in eval mode,
     config)."""
-    from ..models.factorize_checkpoint import load_config, load_model_and_checkpoint
+    from ..models.loading import load_config, load_model_and_checkpoint
 
     cfg = load_config(config, cfg_options)
     model, _ = load_model_and_checkpoint(cfg, checkpoint, config)

@@ -9,8 +9,9 @@ from ..lowrank import RankPlan, numerical_rank
 
 #: Key of LRPETHook's state inside ``checkpoint['meta']``.
 META_KEY = 'lrpet'
-#: Top-level checkpoint key of the hook's warm-start subspace bases ``{layer: (s, k) tensor}``.
-BASES_KEY = 'lrpet_bases'
+#: Top-level checkpoint key under which lrpet_mm before 2026-12 saved warm-start subspace
+#: bases; read only to be ignored (with a log line) when such a checkpoint is resumed.
+LEGACY_BASES_KEY = 'lrpet_bases'
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict:

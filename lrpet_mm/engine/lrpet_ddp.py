@@ -19,22 +19,19 @@ Use it in a config::
 (extra keys go to ``MMDistributedDataParallel`` / ``torch.nn.parallel.DistributedDataParallel``,
 e.g. ``find_unused_parameters=True``).
 """
-import atexit
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from mmengine.dist import all_gather_object, broadcast, get_rank, get_world_size
-from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 from torch import Tensor
 
 from ..lowrank import LowRankProjector, ProjectionError, ProjectionStats
-from ..lowrank.targets import ConvTarget
+from ..lowrank.targets import LayerTarget
+from ..workarounds.cpu_distributed import drop_cpu_device_ids
 
 
 @dataclass
@@ -62,13 +59,13 @@ class DistributedProjectionStats(ProjectionStats):
         return f' (split over {self.world_size} ranks by LRPETDDP: {share})'
 
 
-def projection_cost(target: ConvTarget) -> int:
+def projection_cost(target: LayerTarget) -> int:
     """Cost model of projecting one layer: m·n·min(m, n) for its (m, n) weight matrix (SVD)."""
     m, n = target.matrix_shape
     return m * n * min(m, n)
 
 
-def assign_layers(targets: Sequence[ConvTarget], world_size: int) -> Dict[str, int]:
+def assign_layers(targets: Sequence[LayerTarget], world_size: int) -> Dict[str, int]:
     """Assign each target to a rank, balancing :func:`projection_cost` (greedy LPT).
 
     Layers are taken by decreasing cost (ties by name) and each goes to the least loaded rank
@@ -128,39 +125,6 @@ def sync_projection_inputs(projector: LowRankProjector, src: int = 0) -> None:
     broadcast_coalesced(tensors, src)
 
 
-def broadcast_weights(projector: LowRankProjector, src: int = 0) -> None:
-    """Every rank takes rank ``src``'s planned weights (bit-identical). No-op in one process."""
-    if get_world_size() > 1:
-        broadcast_coalesced([w.data for w in projector.weights().values()], src)
-
-
-def broadcast_bases(projector: LowRankProjector, owners: Dict[str, int]) -> None:
-    """Every rank takes each layer's warm-start basis from the rank that projected it.
-
-    Keeps the bases identical on all ranks, so the checkpoint (saved by rank 0) holds every
-    layer's basis and a resumed run warm-starts exactly as the uninterrupted one. A layer
-    without a basis on its owner (an all-zero weight) is sent as NaN and dropped everywhere.
-    """
-    rank = get_rank()
-    for target in projector.targets:
-        name = target.name
-        if name not in projector.bases or owners.get(name) != rank:
-            weight = target.conv.weight
-            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) \
-                else torch.float32
-            shape = (min(target.matrix_shape), projector.plan.rank_of(name))
-            if owners.get(name) == rank:  # the owner has none: announce "no basis"
-                projector.bases[name] = torch.full(shape, float('nan'), dtype=dtype,
-                                                   device=weight.device)
-            elif name not in projector.bases or tuple(projector.bases[name].shape) != shape:
-                projector.bases[name] = torch.empty(shape, dtype=dtype, device=weight.device)
-    for src in range(get_world_size()):
-        broadcast_coalesced([projector.bases[name] for name, owner in owners.items()
-                             if owner == src], src)
-    for name in [n for n, b in projector.bases.items() if not bool(torch.isfinite(b).all())]:
-        del projector.bases[name]
-
-
 @MODEL_WRAPPERS.register_module()
 class LRPETDDP(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` that splits LRPET's projections across ranks.
@@ -173,7 +137,8 @@ class LRPETDDP(MMDistributedDataParallel):
     per-layer statistics are gathered so the hook logs all layers.
 
     On CPU the ``device_ids`` that mmengine's ``Runner.wrap_model`` passes by default
-    (``[LOCAL_RANK]``) are dropped, since torch DDP accepts them only for CUDA modules.
+    (``[LOCAL_RANK]``) are dropped (:func:`~lrpet_mm.workarounds.cpu_distributed.\
+drop_cpu_device_ids`).
 
     Args:
         module: the model.
@@ -182,18 +147,8 @@ class LRPETDDP(MMDistributedDataParallel):
     """
 
     def __init__(self, module, detect_anomalous_params: bool = False, **kwargs) -> None:
-        on_cpu = all(p.device.type == 'cpu' for p in module.parameters())
-        if on_cpu and kwargs.get('device_ids') is not None:
-            print_log(f'LRPETDDP: the model is on CPU; ignoring device_ids='
-                      f'{kwargs["device_ids"]}', logger='current')
-            kwargs['device_ids'] = None
-            kwargs.pop('output_device', None)
         super().__init__(module=module, detect_anomalous_params=detect_anomalous_params,
-                         **kwargs)
-
-    def lrpet_assignment(self, projector: LowRankProjector) -> Dict[str, int]:
-        """``{layer name: rank that projects it}`` for the current world size."""
-        return assign_layers(projector.targets, get_world_size())
+                         **drop_cpu_device_ids(module, kwargs))
 
     @torch.no_grad()
     def lrpet_project(self, projector: LowRankProjector, where: str = ''
@@ -209,7 +164,7 @@ class LRPETDDP(MMDistributedDataParallel):
         """
         start = time.perf_counter()
         world_size, rank = get_world_size(), get_rank()
-        owners = self.lrpet_assignment(projector)
+        owners = assign_layers(projector.targets, world_size)
         sync_projection_inputs(projector, src=0)
 
         error: Optional[BaseException] = None
@@ -220,7 +175,6 @@ class LRPETDDP(MMDistributedDataParallel):
         except Exception as e:  # report to the other ranks instead of leaving them waiting
             error = e
         report = dict(energy_kept=local.energy_kept, seconds=local.seconds,
-                      methods=local.methods,
                       num_layers=local.num_layers,
                       error=None if error is None else (type(error).__name__, str(error)))
         reports = all_gather_object(report)
@@ -237,17 +191,13 @@ class LRPETDDP(MMDistributedDataParallel):
             for src in range(world_size):
                 broadcast_coalesced([weights[name].data for name, owner in owners.items()
                                      if owner == src], src)
-            if projector.warm_start:
-                broadcast_bases(projector, owners)
 
         energy: Dict[str, float] = {}
-        methods: Dict[str, str] = {}
         for rep in reports:
             energy.update(rep['energy_kept'])
-            methods.update(rep['methods'])
         energy = {t.name: energy[t.name] for t in projector.targets if t.name in energy}
         return DistributedProjectionStats(
-            num_layers=len(energy), energy_kept=energy, methods=methods,
+            num_layers=len(energy), energy_kept=energy,
             seconds=time.perf_counter() - start, world_size=world_size, owners=dict(owners),
             rank_seconds=[float(rep['seconds']) for rep in reports],
             rank_layers=[int(rep['num_layers']) for rep in reports])
@@ -263,7 +213,8 @@ def project_on_all_ranks(projector: LowRankProjector, where: str = '') -> Projec
     """
     sync_projection_inputs(projector, src=0)
     stats = projector.project(where=where)
-    broadcast_weights(projector, src=0)
+    if get_world_size() > 1:
+        broadcast_coalesced([w.data for w in projector.weights().values()], src=0)
     return stats
 
 
@@ -276,39 +227,3 @@ def projection_strategy(model) -> ProjectionStrategy:
     :func:`project_on_all_ranks`."""
     own = getattr(model, 'lrpet_project', None)
     return own if callable(own) else project_on_all_ranks
-
-
-def init_cpu_process_group(backend: str = 'gloo', **kwargs) -> bool:
-    """Initialize the default process group for CPU-only distributed training.
-
-    mmengine 0.10's ``--launcher pytorch`` (``mmengine.dist.init_dist``) calls
-    ``torch.cuda.set_device(LOCAL_RANK)`` before ``init_process_group``, which raises on a
-    machine without a GPU; the Runner skips ``init_dist`` when a process group already exists.
-    Call this from a module listed in the config's ``custom_imports`` (imported by
-    ``Config.fromfile`` in ``tools/train.py``, before the Runner is built). It does nothing
-    unless launched by ``torch.distributed.run`` (``WORLD_SIZE`` set), without CUDA, and not
-    yet initialized.
-
-    Args:
-        backend: process group backend. Defaults to 'gloo'.
-        **kwargs: passed to ``torch.distributed.init_process_group``.
-
-    Returns:
-        True if it initialized the process group.
-    """
-    if ('WORLD_SIZE' not in os.environ or torch.cuda.is_available()
-            or not torch_dist.is_available() or torch_dist.is_initialized()):
-        return False
-    torch_dist.init_process_group(backend=backend, **kwargs)
-    atexit.register(destroy_process_group_at_exit)
-    return True
-
-
-def destroy_process_group_at_exit() -> None:
-    """Workaround: a gloo process group still alive when the interpreter shuts down can abort
-    the process ("terminate called without an active exception", exit code -6) after training
-    has finished — seen once in 4 CPU runs of tests/test_distributed.py with torch 2.5.1.
-    mmengine does not destroy the group it did not create; :func:`init_cpu_process_group`
-    registers this to do it at exit."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """Pure-PyTorch core of LRPET: projection, energy transfer, BN rectification, rank planning,
 target discovery (convs and linear layers), factorization into cascaded convs / linear layers.
 Nothing here imports OpenMMLab packages."""
-from .batchnorm import BN_RECOVERIES, BNR_EPS, bn_scale, is_batch_norm
+from .batchnorm import BN_RECOVERIES, BNR_EPS, bn_folded_matrix, bn_scale, is_batch_norm
 from .factorize import (
     LOW_RANK_TYPES,
     ConvFactorization,
@@ -17,7 +17,6 @@ from .factorize import (
     relative_rank_k_error,
 )
 from .projection import (
-    PROJECTION_METHODS,
     LowRankProjection,
     ProjectionError,
     conv_weight_as_matrix,
@@ -28,21 +27,14 @@ from .projection import (
 from .projector import LowRankProjector, ProjectionStats
 from .ranks import (
     LayerRank,
-    LayerSpectrum,
     RankPlan,
-    allocate_ranks_by_energy,
-    allowed_ranks,
     check_rank_multiple,
     check_rank_ratio,
-    estimated_flops_removed,
     factorization_pays,
-    normalized_energy_kept,
     plan_ranks,
     rank_for_ratio,
-    rank_plan_from_ranks,
 )
 from .targets import (
-    ConvTarget,
     LayerTarget,
     TargetSelection,
     find_conv_norm_pairs,
@@ -51,14 +43,13 @@ from .targets import (
 )
 
 __all__ = [
-    'BN_RECOVERIES', 'BNR_EPS', 'bn_scale', 'is_batch_norm', 'ConvFactorization', 'FoldedConv',
-    'LOW_RANK_TYPES', 'LowRankConv2d', 'LowRankLinear', 'factorize_conv', 'factorize_conv_checked',
-    'factorize_layer_checked', 'factorize_linear', 'factorize_linear_checked', 'fold_conv_bn',
-    'relative_rank_k_error', 'PROJECTION_METHODS', 'LowRankProjection', 'ProjectionError',
-    'conv_weight_as_matrix', 'numerical_rank', 'project_low_rank', 'truncated_svd',
-    'LowRankProjector', 'ProjectionStats', 'LayerRank', 'LayerSpectrum', 'RankPlan',
-    'allocate_ranks_by_energy', 'allowed_ranks', 'check_rank_multiple', 'check_rank_ratio',
-    'estimated_flops_removed', 'factorization_pays', 'normalized_energy_kept', 'plan_ranks',
-    'rank_for_ratio', 'rank_plan_from_ranks', 'ConvTarget', 'LayerTarget', 'TargetSelection',
-    'find_conv_norm_pairs', 'get_scope_module', 'select_targets'
+    'BN_RECOVERIES', 'BNR_EPS', 'bn_folded_matrix', 'bn_scale', 'is_batch_norm',
+    'ConvFactorization', 'FoldedConv', 'LOW_RANK_TYPES', 'LowRankConv2d', 'LowRankLinear',
+    'factorize_conv', 'factorize_conv_checked', 'factorize_layer_checked', 'factorize_linear',
+    'factorize_linear_checked', 'fold_conv_bn', 'relative_rank_k_error', 'LowRankProjection',
+    'ProjectionError', 'conv_weight_as_matrix', 'numerical_rank', 'project_low_rank',
+    'truncated_svd', 'LowRankProjector', 'ProjectionStats', 'LayerRank', 'RankPlan',
+    'check_rank_multiple', 'check_rank_ratio', 'factorization_pays', 'plan_ranks',
+    'rank_for_ratio', 'LayerTarget', 'TargetSelection', 'find_conv_norm_pairs',
+    'get_scope_module', 'select_targets'
 ]

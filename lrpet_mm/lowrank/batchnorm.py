@@ -1,4 +1,6 @@
 """BatchNorm helpers for BN rectification, pure PyTorch."""
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -48,6 +50,19 @@ def bn_scale(bn: nn.Module) -> Tensor:
     if gamma is not None:  # affine=False BN has γ = 1
         scale = scale * gamma.detach().to(scale.dtype)
     return scale
+
+
+def fold_rows(matrix: Tensor, scale: Tensor) -> Tensor:
+    """diag(a)·M: row i of a (m, n) matrix times a_i, in the matrix's dtype."""
+    return matrix * scale.to(matrix)[:, None]
+
+
+def bn_folded_matrix(weight: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
+    """The (m, n) matrix LRPET projects for a conv or linear weight (m = n_out): the weight
+    with the scale of the BatchNorm ``norm`` that consumes its output folded into its rows,
+    diag(a)·W (BN rectification); W itself when ``norm`` is None. In the weight's dtype."""
+    matrix = weight.detach().reshape(weight.shape[0], -1)
+    return matrix if norm is None else fold_rows(matrix, bn_scale(norm))
 
 
 def unfold_factor(scale: Tensor, eps: float = BNR_EPS) -> Tensor:

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import bn_scale
+from .batchnorm import bn_folded_matrix, bn_scale
 from .projection import conv_weight_as_matrix
 
 
@@ -74,7 +74,7 @@ def fold_conv_bn(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> FoldedCon
     a = bn_scale(norm).double()
     beta = norm.bias.detach().double() if getattr(norm, 'bias', None) is not None else 0.0
     mean = norm.running_mean.detach().double()
-    return FoldedConv(weight * a.reshape(-1, *[1] * (weight.dim() - 1)), beta + a * (bias - mean))
+    return FoldedConv(bn_folded_matrix(weight, norm).view_as(weight), beta + a * (bias - mean))
 
 
 @torch.no_grad()

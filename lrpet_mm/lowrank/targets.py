@@ -69,20 +69,9 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def is_candidate(module: nn.Module) -> bool:
-    """A layer :func:`select_targets` decides about: conv-like or linear-like."""
-    return is_conv_like(module) or is_linear_like(module)
-
-
 def layer_kind(module: nn.Module) -> str:
     """``'linear'`` for a linear-like layer, ``'conv'`` otherwise."""
     return 'linear' if is_linear_like(module) else 'conv'
-
-
-def break_even_rank(m: int, n: int) -> int:
-    """The largest k with k·(m + n) < m·n (0 if none): the highest rank at which factorizing an
-    (m, n) matrix still saves parameters."""
-    return (m * n - 1) // (m + n)
 
 
 def grouped_conv_reason(module: nn.Module) -> str:
@@ -90,7 +79,7 @@ def grouped_conv_reason(module: nn.Module) -> str:
     groups = module.groups
     m = module.weight.shape[0] // groups  # out / groups
     n = module.weight[0].numel()  # in / groups · kh · kw
-    k_max = break_even_rank(m, n)
+    k_max = (m * n - 1) // (m + n)  # the largest k with k·(m + n) < m·n
     pays = (f'factorizing a group at rank k saves parameters only when k·(m + n) < m·n, i.e. '
             f'k <= {k_max} here' if k_max >= 1 else 'no rank saves parameters here')
     return (f'grouped conv (groups={groups}): each group is a separate (out/groups) x '
@@ -160,12 +149,12 @@ def _channels_match(conv: nn.Module, norm: nn.Module) -> bool:
 
 
 @dataclass
-class ConvTarget:
+class LayerTarget:
     """A layer to project: a conv or a linear layer.
 
     Attributes:
         name: module name relative to the model.
-        conv: the ``nn.Conv2d`` (weight (n_out, n_in, kh, kw)) or ``nn.Linear`` (weight
+        layer: the ``nn.Conv2d`` (weight (n_out, n_in, kh, kw)) or ``nn.Linear`` (weight
             (out, in)); its weight is projected in place.
         norm_name: name of the BatchNorm consuming its output, or None (always None for a
             linear layer).
@@ -173,36 +162,27 @@ class ConvTarget:
         rectify: whether BN rectification is applied (True only for a conv with a paired BN).
     """
     name: str
-    conv: nn.Module
+    layer: nn.Module
     norm_name: Optional[str]
     norm: Optional[nn.Module]
     rectify: bool
 
     @property
     def matrix_shape(self) -> Tuple[int, int]:
-        weight = self.conv.weight
+        weight = self.layer.weight
         return weight.shape[0], weight[0].numel()
 
     @property
     def kind(self) -> str:
         """``'conv'`` or ``'linear'``."""
-        return layer_kind(self.conv)
-
-    @property
-    def module(self) -> nn.Module:
-        """The projected layer (same as :attr:`conv`)."""
-        return self.conv
-
-
-#: A projection target of either kind (the historical name :class:`ConvTarget` is kept).
-LayerTarget = ConvTarget
+        return layer_kind(self.layer)
 
 
 @dataclass
 class TargetSelection:
     """Result of :func:`select_targets`: the targets (model order) and the skipped layers with
     the reason for each."""
-    targets: List[ConvTarget]
+    targets: List[LayerTarget]
     skipped: Dict[str, str]
 
     def shapes(self) -> Dict[str, Tuple[int, int]]:
@@ -276,7 +256,8 @@ def select_targets(model: nn.Module,
     scope_module = get_scope_module(model, scope)
     prefix = f'{scope}.' if scope else ''
     candidates = [(prefix + name if name else scope or '', module)
-                  for name, module in scope_module.named_modules() if is_candidate(module)]
+                  for name, module in scope_module.named_modules()
+                  if is_conv_like(module) or is_linear_like(module)]
     if not candidates:
         raise ValueError(f'no conv or linear layer found in scope {scope!r}')
     names = [name for name, _ in candidates]
@@ -287,7 +268,7 @@ def select_targets(model: nn.Module,
                                  f'scope {scope!r} (e.g. {names[:4]})')
 
     pairs = find_conv_norm_pairs(model)
-    targets: List[ConvTarget] = []
+    targets: List[LayerTarget] = []
     skipped: Dict[str, str] = {}
     for name, conv in candidates:
         if include and not any(re.search(p, name) for p in include):
@@ -304,15 +285,15 @@ def select_targets(model: nn.Module,
                              'projects it anyway)')
             continue
         if is_linear_like(conv):  # no BN rectification: a LayerNorm precedes, none follows
-            targets.append(ConvTarget(name, conv, None, None, rectify=False))
+            targets.append(LayerTarget(name, conv, None, None, rectify=False))
             continue
         norm_name = pairs.get(name)
         norm = model.get_submodule(norm_name) if norm_name else None
         if not bn_rectify:
-            targets.append(ConvTarget(name, conv, norm_name, norm, rectify=False))
+            targets.append(LayerTarget(name, conv, norm_name, norm, rectify=False))
             continue
         if norm is not None and is_batch_norm(norm) and has_running_stats(norm):
-            targets.append(ConvTarget(name, conv, norm_name, norm, rectify=True))
+            targets.append(LayerTarget(name, conv, norm_name, norm, rectify=True))
             continue
         if norm is not None:
             kind = type(norm).__name__ + (
@@ -322,7 +303,7 @@ def select_targets(model: nn.Module,
                     f'conv {name!r} is followed by {kind} {norm_name!r}: BN rectification '
                     "needs a BatchNorm with running stats. Set unpaired='project' to project "
                     'it without BN rectification, exclude it, or set bn_rectify=False')
-            targets.append(ConvTarget(name, conv, norm_name, None, rectify=False))
+            targets.append(LayerTarget(name, conv, norm_name, None, rectify=False))
             continue
         if unpaired == 'error':
             raise ValueError(f'conv {name!r}: no BatchNorm consumes its output '
@@ -331,7 +312,7 @@ def select_targets(model: nn.Module,
             skipped[name] = ("no BatchNorm consumes its output (unpaired='skip'; "
                              "use unpaired='project' to project it without BNR)")
             continue
-        targets.append(ConvTarget(name, conv, None, None, rectify=False))
+        targets.append(LayerTarget(name, conv, None, None, rectify=False))
     if not targets:
         raise ValueError(f'no conv or linear layer to project in scope {scope!r} after '
                          f'include/exclude; skipped: {skipped}')

@@ -1,101 +1,42 @@
-"""From a config + LRPET checkpoint to a compact config + checkpoint loadable by upstream tools."""
+"""The factorize pipeline: from a config + LRPET checkpoint to a compact config + checkpoint that
+the upstream tools load."""
 import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
-from ..engine.checkpoint_meta import load_checkpoint_file, rank_plan_from_checkpoint
-from ..engine.input_shape import resolve_input_shape
-from ..engine.planning import plan_targets
-from ..lowrank import RankPlan, select_targets
+from ..engine.checkpoint_meta import META_KEY, load_checkpoint_file, rank_plan_from_checkpoint
+from ..engine.settings import LRPETSettings
+from ..lowrank import RankPlan
 from ..utils.atomic import atomic_path, check_writable_dir
 from .compact_model import CompactModel, factorize_model
-
-PathLike = Union[str, os.PathLike]
-
-
-def load_config(config: PathLike, cfg_options: Optional[dict] = None) -> Config:
-    """``Config.fromfile`` (runs ``custom_imports``) with ``cfg_options`` merged in (as the
-    ``--cfg-options`` of the mmdet / mmseg tools), and a clear error for a missing file."""
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f'config {os.fspath(config)!r} does not exist')
-    cfg = Config.fromfile(os.fspath(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
-
-
-def build_model_from_config(cfg: Config) -> nn.Module:
-    """Build ``cfg.model`` in the config's default scope, without pretrained weight loading."""
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    model = MODELS.build(copy.deepcopy(cfg.model))
-    return model.eval()
-
-
-def load_state_dict_strict(model: nn.Module, checkpoint: dict, where: str) -> None:
-    """Load ``checkpoint['state_dict']`` with every key matched, or say which keys differ."""
-    state = checkpoint.get('state_dict', checkpoint)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f'{where} does not match the config\'s model: missing keys '
-            f'{result.missing_keys[:6]}{" ..." if len(result.missing_keys) > 6 else ""}, '
-            f'unexpected keys {result.unexpected_keys[:6]}'
-            f'{" ..." if len(result.unexpected_keys) > 6 else ""}')
-
-
-def load_model_and_checkpoint(cfg: Config, checkpoint: PathLike, cfg_path: PathLike
-                              ) -> Tuple[nn.Module, dict]:
-    """Build ``cfg``'s model (no pretrained download) and load ``checkpoint`` with every key
-    matched; returns ``(model in eval mode, checkpoint dict)``. Errors name both files."""
-
-    ckpt = load_checkpoint_file(checkpoint)
-    try:
-        model = build_model_from_config(cfg)
-    except Exception as e:
-        raise ValueError(f'cannot build the model of config {os.fspath(cfg_path)!r} '
-                         f'({type(e).__name__}: {e})') from e
-    load_state_dict_strict(model, ckpt, f'checkpoint {os.fspath(checkpoint)!r} (config '
-                                        f'{os.fspath(cfg_path)!r})')
-    return model, ckpt
-
-
-def hook_settings(cfg: Config) -> dict:
-    """Arguments of the ``LRPETHook`` in ``cfg.custom_hooks`` (empty if none)."""
-    for hook in cfg.get('custom_hooks', None) or []:
-        if hook.get('type') == 'LRPETHook':
-            return {k: v for k, v in hook.items() if k != 'type'}
-    return {}
+from .loading import PathLike, build_model_from_config, load_config, load_state_dict_strict
 
 
 def plan_for(model: nn.Module, checkpoint: dict, cfg: Config, where: str,
              rank_ratio: Optional[float] = None, flops_reduction: Optional[float] = None,
-             flops_input_shape: Optional[Sequence[int]] = None) -> RankPlan:
-    """The checkpoint's stored plan; or, with ``rank_ratio`` / ``flops_reduction``, a plan
-    made like the hook's (scope and patterns from the config's ``LRPETHook``)."""
+             flops_input_shape: Optional[Sequence[int]] = None
+             ) -> Tuple[RankPlan, Optional[dict]]:
+    """``(plan, FLOPs planning info or None)``: the checkpoint's stored plan (and FLOPs info);
+    or, with ``rank_ratio`` / ``flops_reduction``, the plan the config's ``LRPETHook`` makes
+    with that budget instead (its scope, patterns, rounding and ``flops_input_shape``;
+    ``flops_input_shape`` given here overrides the hook's)."""
     if rank_ratio is None and flops_reduction is None:
-        return rank_plan_from_checkpoint(checkpoint, where)
+        state = (checkpoint.get('meta') or {}).get(META_KEY) or {}
+        return rank_plan_from_checkpoint(checkpoint, where), state.get('flops')
     if rank_ratio is not None and flops_reduction is not None:
         raise ValueError('give at most one of rank_ratio and flops_reduction')
-    settings = hook_settings(cfg)
-    scope = settings.get('scope', 'backbone')
-    selection = select_targets(model, scope, settings.get('include'), settings.get('exclude'),
-                               settings.get('bn_rectify', True),
-                               settings.get('unpaired', 'skip'), settings.get('frozen', 'skip'))
-    shape = (resolve_input_shape(cfg, flops_input_shape, 'flops_input_shape')
-             if flops_reduction is not None else None)
-    plan, _ = plan_targets(model, selection, scope, rank_ratio, flops_reduction, shape,
-                           settings.get('layer_ratios'), settings.get('min_rank', 1),
-                           settings.get('rank_multiple', 1),
-                           settings.get('rank_allocation', 'uniform')
-                           if flops_reduction is not None else 'uniform')
-    return plan
+    settings = LRPETSettings.from_config(cfg) or LRPETSettings(rank_ratio=0.0)
+    settings = settings.with_budget(rank_ratio, flops_reduction)
+    if flops_input_shape is not None:
+        settings = settings.replace(flops_input_shape=flops_input_shape)
+    plan, result = settings.plan(model, settings.select_targets(model), cfg)
+    return plan, None if result is None else result.to_dict()
 
 
 def compact_config(cfg: Config, compact: CompactModel) -> Config:
@@ -119,10 +60,13 @@ def compact_config(cfg: Config, compact: CompactModel) -> Config:
 
 @dataclass
 class FactorizeOutput:
+    """What :func:`factorize_checkpoint` wrote and built; ``flops`` is the FLOPs planning info
+    of a ``flops_reduction`` plan (input shape, FLOPs before / after), else None."""
     config_path: Path
     checkpoint_path: Path
     compact: CompactModel
     original: nn.Module
+    flops: Optional[dict] = None
 
 
 def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLike,
@@ -144,7 +88,8 @@ def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLi
     where = f'checkpoint {os.fspath(checkpoint)!r}'
     model = build_model_from_config(cfg)
     load_state_dict_strict(model, ckpt, where)
-    plan = plan_for(model, ckpt, cfg, where, rank_ratio, flops_reduction, flops_input_shape)
+    plan, flops = plan_for(model, ckpt, cfg, where, rank_ratio, flops_reduction,
+                           flops_input_shape)
     compact = factorize_model(model, plan, tol=tol, force=force)
     new_cfg = compact_config(cfg, compact)
 
@@ -156,9 +101,9 @@ def factorize_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLi
         source_checkpoint=os.path.abspath(os.fspath(checkpoint)),
         layers=[dict(name=layer.name, rank=layer.rank, folded_norm=layer.folded_norm,
                      relative_error=layer.relative_error) for layer in compact.layers],
-        components=compact.components)
+        components=compact.components, flops=flops)
     state = {k: v.detach().cpu() for k, v in compact.model.state_dict().items()}
     with atomic_path(ckpt_path) as tmp_ckpt, atomic_path(cfg_path) as tmp_cfg:
         torch.save(dict(state_dict=state, meta=meta), tmp_ckpt)
         new_cfg.dump(str(tmp_cfg))
-    return FactorizeOutput(cfg_path, ckpt_path, compact, model)
+    return FactorizeOutput(cfg_path, ckpt_path, compact, model, flops)

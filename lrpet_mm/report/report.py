@@ -20,7 +20,7 @@ from torch import nn
 
 from ..engine.checkpoint_meta import rank_plan_from_checkpoint
 from ..engine.input_shape import resolve_input_shape
-from ..lowrank import LowRankConv2d, LowRankLinear, bn_scale, find_conv_norm_pairs
+from ..lowrank import LowRankConv2d, LowRankLinear, bn_folded_matrix, find_conv_norm_pairs
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
 from ..utils.atomic import atomic_path, check_writable_dir
 from ..utils.values import finite_or_none
@@ -109,13 +109,11 @@ def factorized_layers(original: nn.Module, compact: nn.Module, checkpoint: dict,
 def weight_spectrum(original: nn.Module, name: str, norm_name: Optional[str]) -> List[float]:
     """Singular values (descending) of layer ``name``'s weight as an (m, n) matrix, with the BN
     ``norm_name`` folded in (the matrix LRPET projects), in float64."""
-    conv = original.get_submodule(name)
-    weight = conv.weight.detach().double().reshape(conv.weight.shape[0], -1)
-    if norm_name is not None:
-        norm = original.get_submodule(norm_name)
-        if is_batch_norm(norm) and has_running_stats(norm):
-            weight = bn_scale(norm).double()[:, None] * weight
-    return [float(v) for v in torch.linalg.svdvals(weight)]
+    norm = original.get_submodule(norm_name) if norm_name is not None else None
+    if norm is not None and not (is_batch_norm(norm) and has_running_stats(norm)):
+        norm = None
+    weight = original.get_submodule(name).weight.detach().double()
+    return [float(v) for v in torch.linalg.svdvals(bn_folded_matrix(weight, norm))]
 
 
 def spread_indices(count: int, num: int = NUM_SPECTRA) -> List[int]:
@@ -201,11 +199,8 @@ def generate_report(config: PathLike, checkpoint: PathLike, out_dir: PathLike,
 
 def _generate_report(config, checkpoint, out_dir, lowrank_config, lowrank_checkpoint,
                      input_shape, evaluate, progress, verbose, cfg_options) -> dict:
-    from ..models.factorize_checkpoint import (
-        factorize_checkpoint,
-        load_config,
-        load_model_and_checkpoint,
-    )
+    from ..models.factorize_checkpoint import factorize_checkpoint
+    from ..models.loading import load_config, load_model_and_checkpoint
 
     # Validate everything that can be checked before writing anything.
     cfg = load_config(config, cfg_options)

@@ -1,4 +1,5 @@
 """Workarounds for bugs/limitations of dependencies (named after what they work around).
 
-Nothing here is imported by ``import lrpet_mm``; a config opts in through ``custom_imports``.
+``cpu_distributed`` holds the functions (used by the engine's ``LRPETDDP``); the module
+``mmengine_cpu_dist`` acts on import, so a config opts in through ``custom_imports``.
 """

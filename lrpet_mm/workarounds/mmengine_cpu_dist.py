@@ -12,6 +12,6 @@ gloo group first::
 It does nothing unless started by ``torch.distributed.run`` (``WORLD_SIZE`` set) on a machine
 without CUDA.
 """
-from ..engine.lrpet_ddp import init_cpu_process_group
+from .cpu_distributed import init_cpu_process_group
 
 PROCESS_GROUP_CREATED = init_cpu_process_group()

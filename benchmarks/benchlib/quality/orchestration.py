@@ -1,33 +1,5 @@
-"""Evidence benchmark: LRPET against decompose-then-finetune and channel pruning, fine-tuned
-from a pretrained backbone, with paired seeds.
-
-One task per run (``--tasks det`` or ``--tasks seg``): the upstream VOC Faster R-CNN / PSPNet
-configs at CPU size (the toy configs in ``configs/lrpet/_toy_`` with a ResNet-18 deep-stem
-backbone) are fine-tuned on VOC-layout data from a backbone the package pretrains on a
-synthetic classification task (:func:`lrpet_mm.models.pretrained_backbone`, cached on disk,
-loaded through ``init_cfg=dict(type='Pretrained')``). Rows (``ROWS``), every one trained for
-``T`` iterations in all:
-
-=============== ==========================================================================
-baseline        the uncompressed network, ``T`` iterations
-lrpet           ``LRPETHook(flops_reduction=r)`` with its defaults, ``T``
-paper           LRPETHook as the paper: ``bn_recovery='eq16'``, uniform ranks, ``T``
-energy          LRPETHook with ``rank_allocation='energy'``, ``T``
-lra_half        LRA at equal budget: the baseline's checkpoint at ``T/2``, truncated SVD at
-                the uniform ranks, fine-tuned ``T/2`` continuing the schedule
-lra_pretrained  LRA from the pretrained backbone: truncated SVD, then ``T``
-prune           channel pruning (Torch-Pruning, L2 magnitude of the blocks' inner channels)
-                of the baseline at ``T/2`` to the same backbone FLOPs, fine-tuned ``T/2``
-=============== ==========================================================================
-
-Seeds are paired: seed ``s`` gives every row the same initial weights (one initial checkpoint
-per seed: pretrained backbone + heads initialised with ``torch.manual_seed(s)``), the same
-data order (``InfiniteSampler(seed=s)``) and the same test set. Every compressed row is
-evaluated as the model a user deploys (factorized, BNs folded; or pruned). The latency column
-times each row's deployed backbone of seed 0 in ONNX Runtime, all rows interleaved in one run.
-
-:func:`run_benchmark` does the work; ``benchmarks/bench_quality.py`` is the command line.
-"""
+"""Runs the evidence benchmark: every (task, seed, row) in one process, the results recorded
+after each row (:func:`run_benchmark`; ``benchmarks/bench_quality.py`` is the command line)."""
 from __future__ import annotations
 
 import contextlib
@@ -37,569 +9,41 @@ import gc
 import io
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 import traceback
-import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from benchlib import common
-from benchlib.common import REPO_ROOT
+from benchlib.quality.configs import (
+    HALF_ROWS,
+    ROW_KEYS,
+    ROWS_BY_KEY,
+    RUN_ORDER,
+    BenchSettings,
+    PathLike,
+    RowSpec,
+    TaskSettings,
+    base_config,
+    factorized_train_config,
+    load_config,
+    second_half_config,
+)
+from benchlib.quality.statistics import compare_rows, summarize_row
+from benchlib.quality.tables import write_results
 from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
-from lrpet_mm.models.pretrained_backbone import PretrainSettings
 from lrpet_mm.report.evaluation import quiet_runner
 from lrpet_mm.report.markdown import format_count
-from lrpet_mm.utils.atomic import atomic_path, check_writable_dir
+from lrpet_mm.utils.atomic import atomic_path
 from lrpet_mm.utils.values import error_text
 
-PathLike = Union[str, os.PathLike]
-CONFIG_DIR = REPO_ROOT / 'configs' / 'lrpet' / '_toy_'
 FORMAT_VERSION = 2
 
 
-# =============================================================================== settings
-@dataclass(frozen=True)
-class RowSpec:
-    """One method (row of the table)."""
-    key: str
-    label: str
-    kind: str  # 'baseline' | 'hook' | 'lra_half' | 'lra_pretrained' | 'prune'
-    description: str
-    hook_kwargs: Tuple[Tuple[str, object], ...] = ()
-
-
-ROWS: Tuple[RowSpec, ...] = (
-    RowSpec('baseline', 'baseline (uncompressed)', 'baseline',
-            'the full network fine-tuned for T iterations, evaluated as is'),
-    RowSpec('lrpet', 'LRPET (defaults)', 'hook',
-            'LRPETHook(flops_reduction=r) with its defaults (in-span BN recovery, uniform '
-            'ranks, frozen layers skipped), T iterations, then factorized'),
-    RowSpec('paper', 'LRPET paper-exact', 'hook',
-            "LRPETHook(flops_reduction=r, bn_recovery='eq16', rank_allocation='uniform'): "
-            'the BN recovery of the paper\'s eq. 16, T iterations, then factorized',
-            (('bn_recovery', 'eq16'), ('rank_allocation', 'uniform'))),
-    RowSpec('energy', 'LRPET energy ranks', 'hook',
-            "LRPETHook(flops_reduction=r, rank_allocation='energy'): the same FLOPs budget "
-            'spread by singular-value energy, T iterations, then factorized',
-            (('rank_allocation', 'energy'),)),
-    RowSpec('lra_half', 'LRA, equal budget', 'lra_half',
-            'the baseline\'s checkpoint at T/2, every planned conv replaced by its truncated '
-            'SVD (two convs, BN kept), fine-tuned T/2 continuing the schedule, BN folded'),
-    RowSpec('lra_pretrained', 'LRA from pretrained', 'lra_pretrained',
-            'the pretrained backbone decomposed by truncated SVD before any fine-tuning, '
-            'then trained T iterations, BN folded'),
-    RowSpec('prune', 'channel pruning', 'prune',
-            'the baseline\'s checkpoint at T/2, the inner channels of every residual block '
-            'pruned by L2 magnitude (Torch-Pruning, one ratio, stage outputs kept) to the '
-            'backbone FLOPs of the LRPET row, fine-tuned T/2 continuing the schedule'),
-)
-ROW_KEYS: Tuple[str, ...] = tuple(row.key for row in ROWS)
-ROWS_BY_KEY: Dict[str, RowSpec] = {row.key: row for row in ROWS}
-#: Execution order: the rows that start from the baseline's T/2 checkpoint right after it.
-RUN_ORDER: Tuple[str, ...] = ('baseline', 'lra_half', 'prune', 'lrpet', 'paper', 'energy',
-                              'lra_pretrained')
-#: Rows that share the first T/2 iterations of the baseline.
-HALF_ROWS = ('lra_half', 'prune')
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    """How one task is trained and measured."""
-    key: str  # 'det' | 'seg'
-    task: str  # 'detection' | 'segmentation'
-    config: str  # toy config file stem in configs/lrpet/_toy_
-    model_name: str
-    metric: str  # evaluator key
-    metric_label: str
-    metric_scale: float  # to percent: 100 for a fraction (mAP), 1 for mIoU (already %)
-    flops_reduction: float
-    iters: int  # T
-    batch_size: int = 2
-    lr: float = 0.01
-    projections: int = 8  # LRPET projections during T (and one at the end)
-
-    @property
-    def projection_interval(self) -> int:
-        return max(1, self.iters // self.projections)
-
-    def schedule_text(self) -> str:
-        lr = (f'linear warm-up over {max(1, self.iters // 10)} iterations, ×0.1 at '
-              f'{int(0.75 * self.iters)}' if self.key == 'det' else
-              'poly decay (power 0.9, to 1e-4)')
-        return (f'T = {self.iters} iterations of batch {self.batch_size}, SGD lr {self.lr} '
-                f'({lr}); an LRPET projection every {self.projection_interval} iterations and '
-                'at the end')
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """Everything that defines a benchmark run (stored in the results)."""
-    mode: str  # 'full' | 'quick'
-    num_train: int
-    num_val: int
-    img_size: Tuple[int, int]  # (w, h)
-    classes: Tuple[str, ...]
-    hard: bool
-    data_seed: int
-    seeds: Tuple[int, ...]
-    tasks: Tuple[TaskSettings, ...]
-    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
-    deterministic: bool = True
-    latency_repeats: int = 30
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data['img_size'] = list(self.img_size)
-        data['classes'] = list(self.classes)
-        data['seeds'] = list(self.seeds)
-        data['tasks'] = {}
-        for task in self.tasks:
-            entry = asdict(task)
-            entry['projection_interval'] = task.projection_interval
-            entry['schedule'] = task.schedule_text()
-            data['tasks'][task.key] = entry
-        return data
-
-
-#: Classes of the built-in data: the five shapes of the generator, one class each.
-BENCH_CLASSES = ('person', 'car', 'dog', 'cat', 'aeroplane')
-
-
-def _check_positive(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
-
-
-def default_settings(quick: bool = False, seeds: Optional[int] = None,
-                     tasks: Sequence[str] = ('det',), det_iters: Optional[int] = None,
-                     seg_iters: Optional[int] = None) -> BenchSettings:
-    """The full protocol or the ``quick`` smoke test (tiny data, budgets and pretraining).
-
-    Full mode: 200 train / 100 test images of 160×128, 5 seeds, detection T = 160 and
-    segmentation T = 160 iterations of batch 2 (sized so one task runs in ≤ 60 min on 2 CPU
-    cores). ``seeds`` (number of seeds, 0 .. N-1), ``det_iters`` / ``seg_iters`` (T, even)
-    override the defaults.
-    """
-    for name, value in (('seeds', seeds), ('det_iters', det_iters), ('seg_iters', seg_iters)):
-        _check_positive(name, value)
-    for name, value in (('det_iters', det_iters), ('seg_iters', seg_iters)):
-        if value is not None and value % 2:
-            raise ValueError(f'{name} must be even (the half rows branch off at T/2), got '
-                             f'{value}')
-    if quick:
-        mode, num_train, num_val, num_seeds, iters = 'quick', 8, 4, 2, 4
-        pretrain = PretrainSettings.quick()
-    else:
-        mode, num_train, num_val, num_seeds, iters = 'full', 200, 100, 5, 160
-        pretrain = PretrainSettings()
-    det = TaskSettings('det', 'detection', 'faster-rcnn_r18_fpn_toy_voc',
-                       'Faster R-CNN R-18 (deep stem) FPN', 'pascal_voc/mAP', 'mAP@0.5', 100.0,
-                       flops_reduction=0.5, iters=det_iters or iters)
-    seg = TaskSettings('seg', 'segmentation', 'pspnet_r18-d8_toy_voc12aug',
-                       'PSPNet R-18-D8 (ResNetV1c)', 'mIoU', 'mIoU', 1.0,
-                       flops_reduction=0.3, iters=seg_iters or iters)
-    by_key = {'det': det, 'seg': seg}
-    if isinstance(tasks, str) or not tasks or any(t not in by_key for t in tasks):
-        raise ValueError(f'tasks must be a non-empty subset of {sorted(by_key)}, got {tasks!r}')
-    return BenchSettings(mode=mode, num_train=num_train, num_val=num_val, img_size=(160, 128),
-                         classes=BENCH_CLASSES, hard=True, data_seed=0,
-                         seeds=tuple(range(seeds or num_seeds)),
-                         tasks=tuple(by_key[t] for t in ('det', 'seg') if t in tasks),
-                         pretrain=pretrain, latency_repeats=5 if quick else 30)
-
-
-# =============================================================================== statistics
-def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (n − 1) of the values that are not None.
-
-    Returns ``(None, None)`` for no value and ``(mean, None)`` for one value.
-    """
-    data = [float(v) for v in values if v is not None]
-    if not data:
-        return None, None
-    mean = sum(data) / len(data)
-    if len(data) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in data) / (len(data) - 1)
-    return mean, math.sqrt(var)
-
-
-def t_quantile(q: float, df: int) -> float:
-    """Quantile ``q`` of Student's t distribution with ``df`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(q, df))
-
-
-def paired_comparison(ours: Mapping[str, Optional[float]],
-                      other: Mapping[str, Optional[float]], power: float = 0.8) -> dict:
-    """Paired differences ``ours − other`` over the seeds both have a value for.
-
-    Returns n, the mean difference, its sample std, the 95 % confidence interval of the mean
-    (Student's t, n − 1 degrees of freedom), the number of seeds where ours is higher (wins),
-    lower (losses), and the smallest true mean difference a two-sided paired t-test at 5 %
-    detects with probability ``power`` given the observed std (``(t_.975 + t_power) · s/√n``);
-    None where n is too small.
-    """
-    seeds = sorted(k for k in ours if ours.get(k) is not None and other.get(k) is not None)
-    diffs = [float(ours[k]) - float(other[k]) for k in seeds]
-    n = len(diffs)
-    result = dict(n=n, mean=None, std=None, ci95=None, wins=sum(d > 0 for d in diffs),
-                  losses=sum(d < 0 for d in diffs), detectable=None, diffs=diffs,
-                  seeds=seeds)
-    if n == 0:
-        return result
-    mean, std = mean_std(diffs)
-    result.update(mean=mean, std=std)
-    if n >= 2:
-        half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
-        result['ci95'] = [mean - half, mean + half]
-        result['detectable'] = ((t_quantile(0.975, n - 1) + t_quantile(power, n - 1))
-                                * std / math.sqrt(n))
-    return result
-
-
-def verdict(comparison: dict) -> str:
-    """What the interval supports: 'LRPET better', 'LRPET worse' or 'no clear difference'."""
-    ci = comparison.get('ci95')
-    if not ci:
-        return 'n/a'
-    if ci[0] > 0:
-        return 'LRPET better'
-    if ci[1] < 0:
-        return 'LRPET worse'
-    return 'no clear difference'
-
-
-def format_mean_std(mean: Optional[float], std: Optional[float], digits: int = 1) -> str:
-    """``'41.2 ± 1.3'``, ``'41.2'`` (one seed) or ``'n/a'``."""
-    if mean is None:
-        return 'n/a'
-    if std is None:
-        return f'{mean:.{digits}f}'
-    return f'{mean:.{digits}f} ± {std:.{digits}f}'
-
-
-def _percent_change(value: Optional[float], base: Optional[float]) -> Optional[float]:
-    if value is None or base in (None, 0):
-        return None
-    return 100.0 * (value / base - 1.0)
-
-
-def metric_by_seed(row: dict) -> Dict[str, Optional[float]]:
-    return {seed: entry.get('metric_pct') for seed, entry in row.get('seeds', {}).items()
-            if not entry.get('error')}
-
-
-def summarize_row(row: dict) -> dict:
-    """n, mean ± std of the metric (percent) and of the training time, the complexity (equal
-    for every seed; None if the seeds disagree) and the error count."""
-    seeds = row.get('seeds', {})
-    good = [entry for entry in seeds.values() if not entry.get('error')]
-    mean, std = mean_std([entry.get('metric_pct') for entry in good])
-    train_mean, _ = mean_std([entry.get('train_s') for entry in good])
-    summary = dict(n=len(good), metric_mean=mean, metric_std=std, train_s_mean=train_mean,
-                   errors=sum(1 for entry in seeds.values() if entry.get('error')))
-    for key in ('backbone_flops', 'backbone_params', 'model_params'):
-        values = {entry.get(key) for entry in good}
-        summary[key] = values.pop() if len(values) == 1 else None
-    return summary
-
-
-def compare_rows(task: dict) -> Dict[str, dict]:
-    """LRPET (defaults) against every other row: :func:`paired_comparison` + verdict."""
-    rows = task['rows']
-    if 'lrpet' not in rows:
-        return {}
-    ours = metric_by_seed(rows['lrpet'])
-    out = {}
-    for key in ROW_KEYS:
-        if key == 'lrpet' or key not in rows:
-            continue
-        comparison = paired_comparison(ours, metric_by_seed(rows[key]))
-        comparison['verdict'] = verdict(comparison)
-        out[key] = comparison
-    return out
-
-
-# =============================================================================== formatting
-def _fmt(value: Optional[float], spec: str = '.1f', suffix: str = '') -> str:
-    return 'n/a' if value is None else f'{value:{spec}}{suffix}'
-
-
-def markdown_task_table(task: dict) -> str:
-    """The results table of one task: metric, time, complexity and latency per row."""
-    label = task['metric_label']
-    rows = task['rows']
-    base = (rows.get('baseline') or {}).get('summary') or {}
-    latency = task.get('latency') or {}
-    lines = [f'| method | {label} (%), mean ± std | per seed | training (s) | backbone FLOPs '
-             '| vs baseline | backbone params | deployed backbone, ORT (ms) |',
-             '|---|---:|---|---:|---:|---:|---:|---:|']
-    for key in ROW_KEYS:
-        if key not in rows:
-            continue
-        row = rows[key]
-        summary = row.get('summary') or summarize_row(row)
-        per_seed = []
-        for seed, entry in sorted(row.get('seeds', {}).items(), key=lambda kv: int(kv[0])):
-            value = entry.get('metric_pct')
-            per_seed.append('error' if entry.get('error') else _fmt(value))
-        metric = format_mean_std(summary.get('metric_mean'), summary.get('metric_std'))
-        if summary.get('errors'):
-            metric += f' ({summary["errors"]} failed)'
-        change = _percent_change(summary.get('backbone_flops'), base.get('backbone_flops'))
-        lat = (latency.get('rows') or {}).get(key)
-        lat_text = 'n/a' if lat is None else f'{lat:.2f}'
-        base_lat = (latency.get('rows') or {}).get('baseline')
-        if lat is not None and base_lat and key != 'baseline':
-            lat_text += f' ({base_lat / lat:.2f}×)'
-        lines.append(
-            f'| {row["label"]} | {metric} | {" / ".join(per_seed)} '
-            f'| {_fmt(summary.get("train_s_mean"), ".0f")} '
-            f'| {format_count(summary.get("backbone_flops"))} '
-            f'| {"" if change is None or key == "baseline" else f"{change:+.1f} %"} '
-            f'| {format_count(summary.get("backbone_params"))} | {lat_text} |')
-    return '\n'.join(lines) + '\n'
-
-
-def markdown_comparisons(task: dict) -> str:
-    """LRPET minus each other row, paired by seed."""
-    comparisons = task.get('comparisons') or compare_rows(task)
-    if not comparisons:
-        return ''
-    lines = ['| LRPET (defaults) minus | mean paired difference (pp) | 95 % CI | LRPET wins '
-             '| detectable at this n (pp, 80 % power) | reading |',
-             '|---|---:|---|---:|---:|---|']
-    for key, c in comparisons.items():
-        ci = c.get('ci95')
-        lines.append(
-            f'| {task["rows"][key]["label"]} | {_fmt(c.get("mean"), "+.2f")} '
-            f'| {"n/a" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"} '
-            f'| {c.get("wins", 0)} of {c.get("n", 0)} | {_fmt(c.get("detectable"), ".2f")} '
-            f'| {c.get("verdict", "n/a")} |')
-    return '\n'.join(lines) + '\n'
-
-
-def markdown_results(results: dict) -> str:
-    """The whole Markdown report."""
-    settings = results['settings']
-    machine = results.get('machine', {})
-    lines = ['# Evidence benchmark: LRPET vs decompose-then-finetune and channel pruning', '']
-    if settings['mode'] == 'quick':
-        lines += ['**Quick mode**: a smoke test with tiny budgets; its numbers say nothing about '
-                  'the methods.', '']
-    if not results.get('complete'):
-        lines += ['**Incomplete run** (interrupted, or still running): the tables hold the '
-                  'rows finished so far.', '']
-    if results.get('errors'):
-        lines += [f'**{len(results["errors"])} row run(s) failed**: see `errors` in the JSON.',
-                  '']
-    wall = results.get('wall_time_s')
-    pre = results.get('pretrained') or {}
-    data = results.get('data') or {}
-    lines += [
-        f'- command: `{results.get("command", "")}` ({settings["mode"]} mode)',
-        f'- wall time: {"n/a" if wall is None else f"{wall / 60:.1f} min"}',
-        f'- machine: {machine.get("cpu", "?")}, {machine.get("usable_cores", "?")} CPU core(s), '
-        f'torch {machine.get("torch", "?")} ({machine.get("threads", "?")} threads), mmdet '
-        f'{machine.get("mmdet", "?")}, mmseg {machine.get("mmseg", "?")}; load average at '
-        f'start {machine.get("load_average", "?")}',
-        f'- code: commit {(machine.get("git_commit") or "?")[:12]}'
-        f'{" + uncommitted changes" if machine.get("git_dirty") else ""}',
-        f'- data: {data.get("description", "?")}',
-        f'- pretrained backbone: ResNet-{settings["pretrain"]["depth"]} deep stem, '
-        f'pretrained by the package on a synthetic {pre.get("num_classes", 10)}-class shape '
-        f'classification task ({settings["pretrain"]["num_train"]} images of '
-        f'{settings["pretrain"]["img_size"]} px, {settings["pretrain"]["epochs"]} epochs): '
-        f'held-out accuracy {_fmt(pre.get("test_accuracy_pct"), ".1f", " %")}, BN scales '
-        f'|γ| median {_fmt(pre.get("gamma_median"), ".3f")}, '
-        f'{_fmt(pre.get("dead_fraction_pct"), ".2f", " %")} below 0.01; file '
-        f'`{pre.get("file", "?")}`',
-        f'- seeds: {", ".join(str(s) for s in settings["seeds"])}, paired (same initial '
-        'weights, data order and test set for every row of a seed)',
-        '- every compressed row is evaluated as its deployed model (factorized with BNs folded,'
-        ' or pruned); FLOPs = multiply-adds (`mmengine.analysis`) of the backbone at the '
-        'planning input size; latency: each row\'s deployed backbone (seed 0) in ONNX Runtime, '
-        f'batch 1, median of {settings["latency_repeats"]} interleaved runs', '']
-    for key, task in results['tasks'].items():
-        tset = settings['tasks'][key]
-        plan = task.get('rank_plan') or {}
-        lines += [f'## {task["task"].capitalize()}: {task["model"]}, '
-                  f'−{100 * tset["flops_reduction"]:.0f} % backbone FLOPs', '',
-                  f'- training: {tset["schedule"]}; {task.get("config_notes", "")}']
-        if plan:
-            c, h, w = plan['input_shape']
-            lines.append(
-                f'- uniform ranks (LRPET defaults, paper-exact, both LRA rows): rank ratio '
-                f'{plan["rank_ratio"]:.4f} over {plan["num_layers"]} backbone convs, '
-                f'backbone FLOPs at {c}×{h}×{w}: {format_count(plan["flops_before"])} → '
-                f'{format_count(plan["flops_after"])} ({100 * plan["reduction"]:.2f} % fewer)')
-        if task.get('prune_ratio') is not None:
-            lines.append(f'- channel pruning: {100 * task["prune_ratio"]:.1f} % of the inner '
-                         'channels of every residual block removed')
-        lines += ['', markdown_task_table(task), markdown_comparisons(task)]
-    lines += ['## Rows', '']
-    for row in ROWS:
-        lines.append(f'- **{row.label}**: {row.description}.')
-    lines.append('')
-    if results.get('errors'):
-        lines += ['## Errors', '']
-        for err in results['errors']:
-            lines.append(f'- {err["task"]} / {err["row"]} / seed {err["seed"]}: '
-                         f'`{(err["error"] or "").splitlines()[0] if err["error"] else ""}`')
-        lines.append('')
-    return '\n'.join(lines)
-
-
-def result_name(tasks: Sequence[str]) -> str:
-    """``quality_det`` / ``quality_seg`` / ``quality_det_seg``: one result file per task run."""
-    return 'quality_' + '_'.join(tasks)
-
-
-def write_results(results: dict, out_dir: PathLike) -> Tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` atomically (temporary file, then rename)."""
-    name = result_name(list(results['tasks']) or list(results['settings']['tasks']))
-    json_path = common.write_results(check_writable_dir(out_dir) / f'{name}.json', results,
-                                     markdown_results(results))
-    return json_path, json_path.with_suffix('.md')
-
-
-# =============================================================================== configs
-def _unformatted(cfg):
-    """``cfg`` with yapf formatting of its text off (mmengine formats the whole config each
-    time a Runner logs or dumps it, ~1.5 s per call; the flag survives deep copies)."""
-    object.__setattr__(cfg, '_format_python_code', False)
-    return cfg
-
-
-def _load_config(path: Path):
-    from mmengine.config import Config
-
-    return _unformatted(Config.fromfile(str(path)))
-
-
-def _has_seg_aug(data_root: Path) -> bool:
-    return (data_root / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'aug.txt').is_file()
-
-
-def schedulers(task: TaskSettings, second_half: bool = False) -> Tuple[List[dict], float]:
-    """The LR schedule of ``T`` iterations, or of its second half (iterations T/2 .. T) as a
-    schedule of its own: ``(param_scheduler, base lr)``."""
-    n = task.iters
-    if task.key == 'det':
-        step = int(0.75 * n)
-        if not second_half:
-            return [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
-                         end=max(1, n // 10)),
-                    dict(type='MultiStepLR', by_epoch=False, begin=0, end=n,
-                         milestones=[step], gamma=0.1)], task.lr
-        return [dict(type='MultiStepLR', by_epoch=False, begin=0, end=n // 2,
-                     milestones=[max(1, step - n // 2)], gamma=0.1)], task.lr
-    eta_min, power = 1e-4, 0.9
-    if not second_half:
-        return [dict(type='PolyLR', eta_min=eta_min, power=power, begin=0, end=n,
-                     by_epoch=False)], task.lr
-    # mmengine's PolyLR over ``end`` iterations scales (lr − η) by (1 − t/(end − 1))^p, so at
-    # t = T/2 + s: (1 − (T/2 + s)/(T − 1))^p = ((T/2 − 1)/(T − 1))^p · (1 − s/(T/2 − 1))^p
-    lr = eta_min + (task.lr - eta_min) * ((n // 2 - 1) / (n - 1)) ** power
-    return [dict(type='PolyLR', eta_min=eta_min, power=power, begin=0, end=n // 2,
-                 by_epoch=False)], lr
-
-
-def base_config(task: TaskSettings, settings: BenchSettings, data_root: Path, work_dir: Path,
-                seed: int, pretrained: Optional[Path], iters: Optional[int] = None):
-    """The toy config of ``task`` set up for the benchmark: ResNet-18 deep stem from the
-    pretrained checkpoint, ``T`` iterations without validation, a checkpoint at T/2 and T,
-    seeded data order."""
-    from mmengine.config import Config
-
-    from lrpet_mm.datasets import set_data_root
-
-    path = CONFIG_DIR / f'{task.config}.py'
-    if not path.is_file():
-        raise FileNotFoundError(f'toy config {path} not found (the benchmark runs from a '
-                                'checkout of the repository)')
-    cfg = _unformatted(Config.fromfile(str(path)))
-    set_data_root(cfg, str(data_root))
-    n = task.iters if iters is None else iters
-    cfg.work_dir = str(work_dir)
-    cfg.experiment_name = f'bench-{task.key}-{uuid.uuid4().hex[:8]}'
-    if cfg.get('visualizer') is not None:
-        cfg.visualizer.pop('name', None)
-    cfg.custom_imports = dict(imports=['lrpet_mm'], allow_failed_imports=False)
-    cfg.custom_hooks = []
-    cfg.randomness = dict(seed=int(seed), deterministic=settings.deterministic)
-    cfg.val_dataloader = None
-    cfg.val_cfg = None
-    cfg.val_evaluator = None
-    cfg.load_from = None
-    cfg.resume = False
-    backbone = cfg.model.backbone
-    backbone.init_cfg = (None if pretrained is None else
-                         dict(type='Pretrained', checkpoint=str(pretrained)))
-    loader = cfg.train_dataloader
-    loader.batch_size = task.batch_size
-    loader.sampler = dict(type='InfiniteSampler', shuffle=True, seed=int(seed))
-    if task.key == 'det':
-        # Upstream VOC Faster R-CNN backbone settings, except: deep stem (the pretrained
-        # checkpoint's stem); no frozen stage (with the deep stem, stem + layer1 hold 40 % of
-        # the backbone FLOPs: −50 % is out of reach of a method that skips them); BN
-        # statistics trained (norm_eval=False): the synthetic pretraining's statistics do not
-        # fit the task images (a one-seed pilot with upstream's norm_eval=True: baseline
-        # 0.75 % mAP after T = 160, 27.3 % with norm_eval=False; decided before any
-        # compressed row ran).
-        backbone.update(deep_stem=True, avg_down=False, frozen_stages=-1, norm_eval=False)
-        model = cfg.model
-        # Smaller heads than the toy config: on CPU they otherwise take most of the step time.
-        model.neck.out_channels = 128
-        model.rpn_head.in_channels = 128
-        model.rpn_head.feat_channels = 128
-        model.roi_head.bbox_roi_extractor.out_channels = 128
-        model.roi_head.bbox_head.in_channels = 128
-        model.roi_head.bbox_head.fc_out_channels = 256
-        model.train_cfg.rcnn.sampler.num = 64
-    else:
-        cfg.model.pretrained = None
-        if not _has_seg_aug(data_root):  # a real VOC2012 without SBD's SegmentationClassAug
-            loader.dataset.datasets = loader.dataset.datasets[:1]
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=n, val_interval=n + 1)
-    cfg.param_scheduler, cfg.optim_wrapper.optimizer.lr = schedulers(task)
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=10, log_metric_by_epoch=False)
-    cfg.default_hooks.checkpoint = dict(
-        type='CheckpointHook', interval=max(1, n // 2), by_epoch=False, save_optimizer=False,
-        save_param_scheduler=False, save_last=True)
-    return cfg
-
-
-def second_half_config(cfg, task: TaskSettings):
-    """``cfg`` for the last T/2 iterations of the schedule (the half rows' fine-tuning)."""
-    cfg = copy.deepcopy(cfg)
-    n = task.iters // 2
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=n, val_interval=n + 1)
-    cfg.param_scheduler, cfg.optim_wrapper.optimizer.lr = schedulers(task, second_half=True)
-    cfg.default_hooks.checkpoint.interval = n
-    return cfg
-
-
-def factorized_train_config(cfg, components: Mapping[str, dict]):
-    """``cfg`` whose components are factorized with the given ranks and their BNs kept (the
-    LRA rows' network while it trains; weights come from ``load_from``)."""
-    new = copy.deepcopy(cfg)
-    for component, spec in components.items():
-        inner = new.model[component]
-        inner.init_cfg = None
-        new.model[component] = dict(type='LRPETFactorized', module=inner,
-                                    ranks=dict(spec['ranks']), folded_norms={})
-    return new
-
-
-# =============================================================================== running
 class RowError(RuntimeError):
     """A row could not be run (recorded in the results, the other rows go on)."""
 
@@ -848,7 +292,7 @@ class QualityBenchmark:
         return root
 
     def _pretrained(self) -> Path:
-        from lrpet_mm.models.pretrained_backbone import pretrained_backbone
+        from benchlib.pretrained_backbone import pretrained_backbone
 
         t0 = time.time()
         built = pretrained_backbone(self.settings.pretrain, cache_dir=self.cache_dir,
@@ -914,10 +358,11 @@ class QualityBenchmark:
     def _context(self, task: TaskSettings, data_root: Path, pretrained: Path,
                  task_dir: Path) -> TaskContext:
         """The uniform rank plan of ``task`` (the LRPET default's ranks, used by LRA)."""
+        from benchlib.decompose import components_of
         from lrpet_mm.engine.input_shape import infer_input_shape
         from lrpet_mm.engine.planning import plan_ranks_for_flops
         from lrpet_mm.lowrank import get_scope_module, select_targets
-        from lrpet_mm.models import components_of, planned_layers
+        from lrpet_mm.models import planned_layers
         from lrpet_mm.models.factorize_checkpoint import build_model_from_config
 
         cfg = base_config(task, self.settings, data_root, task_dir / 'plan', 0, pretrained)
@@ -1125,11 +570,12 @@ class QualityBenchmark:
         cfg_path, ckpt_path = _save_compact(
             compact_config(cfg, compact), compact.model, dict(source_checkpoint=str(ckpt)),
             row_dir / 'compact', 'compact')
-        return _load_config(cfg_path), ckpt_path
+        return load_config(cfg_path), ckpt_path
 
     def _fold(self, base_cfg, trained_cfg, ckpt: Path, out_dir: Path, ctx: TaskContext):
         """A trained factorized (BN kept) model -> the compact config + checkpoint."""
-        from lrpet_mm.models import compact_config, fold_factorized_norms
+        from benchlib.decompose import fold_factorized_norms
+        from lrpet_mm.models import compact_config
 
         model = self._build(trained_cfg, ckpt)
         compact = fold_factorized_norms(model, ctx.norms, copy_model=False)
@@ -1137,12 +583,12 @@ class QualityBenchmark:
             raise RowError('the compact model differs from the planned structure')
         cfg_path, ckpt_path = _save_compact(compact_config(base_cfg, compact), compact.model,
                                             dict(source_checkpoint=str(ckpt)), out_dir, 'compact')
-        return _load_config(cfg_path), ckpt_path
+        return load_config(cfg_path), ckpt_path
 
     def _lra(self, task: TaskSettings, cfg, source: Path, row_dir: Path, ctx: TaskContext,
              entry: dict):
         """Truncated SVD of ``source`` at the uniform ranks, train ``cfg``'s schedule, fold."""
-        from lrpet_mm.models import decompose_model
+        from benchlib.decompose import decompose_model
 
         base_cfg = copy.deepcopy(cfg)
         base = self._build(cfg, source)

@@ -1,10 +1,11 @@
-"""A package-made "pretrained" ResNet deep-stem backbone, trained on a synthetic task and cached.
+"""A "pretrained" ResNet deep-stem backbone for the benchmarks, trained on a synthetic task and
+cached.
 
 There are no downloads: :func:`pretrained_backbone` trains an mmdet ``ResNet(deep_stem=True)``
 (the layout of mmseg's ``ResNetV1c``) plus a linear head on
-:func:`lrpet_mm.datasets.make_shape_classification` and saves only the backbone's weights,
-keyed as the backbone's own ``state_dict`` (``stem.0.weight``, ``layer1.0.conv1.weight``, ...).
-The file loads with OpenMMLab's usual
+:func:`benchlib.synthetic_classification.make_shape_classification` and saves only the
+backbone's weights, keyed as the backbone's own ``state_dict`` (``stem.0.weight``,
+``layer1.0.conv1.weight``, ...). The file loads with OpenMMLab's usual
 ``init_cfg=dict(type='Pretrained', checkpoint=path)`` into both
 ``mmdet.models.backbones.ResNet(depth=18, deep_stem=True)`` and
 ``mmseg.models.backbones.ResNetV1c(depth=18)`` (dilated variants included: dilation does not
@@ -33,11 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..datasets.synthetic_classification import (
-    CLASSIFICATION_CLASSES,
-    make_shape_classification,
-)
-from ..utils.atomic import atomic_path, check_writable_dir
+from benchlib.synthetic_classification import CLASSIFICATION_CLASSES, make_shape_classification
+from lrpet_mm.utils.atomic import atomic_path, check_writable_dir
 
 __all__ = ['FORMAT_VERSION', 'PretrainSettings', 'PretrainedBackbone', 'pretrained_backbone',
            'default_cache_dir']

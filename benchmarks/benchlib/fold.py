@@ -10,9 +10,9 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ..lowrank import find_conv_norm_pairs
-from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import fold_conv_bn, set_submodule
+from lrpet_mm.lowrank import find_conv_norm_pairs
+from lrpet_mm.lowrank.batchnorm import has_running_stats, is_batch_norm
+from lrpet_mm.lowrank.factorize import fold_conv_bn, set_submodule
 
 _FOLDABLE_CONVS = {'torch.nn.modules.conv.Conv2d', 'mmcv.cnn.bricks.wrappers.Conv2d'}
 

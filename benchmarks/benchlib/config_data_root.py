@@ -1,4 +1,5 @@
-"""Point the dataloaders of an mmengine config at another data root."""
+"""Point the dataloaders of an mmengine config at another data root (the tests and the
+benchmarks; the tools take ``--cfg-options ...data_root=...``)."""
 from __future__ import annotations
 
 import os

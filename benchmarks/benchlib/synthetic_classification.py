@@ -1,10 +1,10 @@
 """A synthetic image classification task, made in memory (pure numpy + PIL).
 
-Used to pretrain backbones without downloads (see ``lrpet_mm.models.pretrained_backbone``).
-It reuses the drawing helpers of :mod:`.synthetic_voc` (textured backgrounds, the five shapes)
-but draws different images from its own random stream: one shape per image, of a random size,
-position and colour, either filled or only its outline. The class is the shape and the fill
-style, never the colour, so a network has to learn shape features.
+Used to pretrain backbones without downloads (see :mod:`benchlib.pretrained_backbone`).
+It reuses the drawing helpers of :mod:`lrpet_mm.datasets.synthetic_voc` (textured
+backgrounds, the five shapes) but draws different images from its own random stream: one shape
+per image, of a random size, position and colour, either filled or only its outline. The class
+is the shape and the fill style, never the colour, so a network has to learn shape features.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .synthetic_voc import _background, _shape_mask
+from lrpet_mm.datasets.synthetic_voc import draw_background, shape_mask
 
 __all__ = ['CLASSIFICATION_CLASSES', 'make_shape_classification']
 
@@ -49,13 +49,13 @@ def _render(rng: np.random.Generator, img_size: int, label: int) -> np.ndarray:
     """One uint8 (img_size, img_size, 3) RGB image of class ``label``."""
     size = (img_size, img_size)
     shape, outline = _SHAPES[label // 2], bool(label % 2)
-    image = _background(rng, size, True)
+    image = draw_background(rng, size, True)
     lo, hi = _SIZE_RANGE
     obj_w = int(round(img_size * rng.uniform(lo, hi)))
     obj_h = int(round(img_size * rng.uniform(lo, hi)))
     x0 = int(rng.integers(0, img_size - obj_w + 1))
     y0 = int(rng.integers(0, img_size - obj_h + 1))
-    mask = _shape_mask(shape, (x0, y0, x0 + obj_w - 1, y0 + obj_h - 1), size)
+    mask = shape_mask(shape, (x0, y0, x0 + obj_w - 1, y0 + obj_h - 1), size)
     if outline:
         width = max(2, int(round(min(obj_w, obj_h) * 0.08)))
         mask = _outline(mask, width)

@@ -25,16 +25,16 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from ..lowrank import RankPlan
-from ..lowrank.batchnorm import has_running_stats, is_batch_norm
-from ..lowrank.factorize import (
+from lrpet_mm.lowrank import RankPlan
+from lrpet_mm.lowrank.batchnorm import has_running_stats, is_batch_norm
+from lrpet_mm.lowrank.factorize import (
     LOW_RANK_TYPES,
     LowRankConv2d,
     factorize_layer_checked,
     fold_conv_bn,
     set_submodule,
 )
-from .compact_model import CompactModel, FactorizedLayer, planned_layers
+from lrpet_mm.models.compact_model import CompactModel, FactorizedLayer, planned_layers
 
 __all__ = ['DecomposedLayer', 'DecomposedModel', 'decompose_model', 'fold_factorized_norms',
            'components_of']
