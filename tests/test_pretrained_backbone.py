@@ -14,6 +14,7 @@ import torch
 
 from benchlib import pretrained_backbone as pb_module
 from benchlib.pretrained_backbone import (
+    DEAD_GAMMA,
     FORMAT_VERSION,
     PretrainedBackbone,
     PretrainSettings,
@@ -112,11 +113,16 @@ def test_build_writes_backbone_only_state_dict_and_meta(built):
     assert meta['hash'] == PretrainSettings.quick().digest()
     assert meta['format_version'] == FORMAT_VERSION
     assert meta['settings'] == dataclasses.asdict(PretrainSettings.quick())
-    assert 0.0 <= built.test_accuracy <= 1.0 and meta['test_accuracy'] == built.test_accuracy
+    # accuracy over num_test held-out images: a whole number of them
+    correct = built.test_accuracy * PretrainSettings.quick().num_test
+    assert correct == pytest.approx(round(correct)) and meta['test_accuracy'] == built.test_accuracy
     stats = built.bn_stats
     assert stats['num_channels'] == sum(v.numel() for k, v in ckpt['state_dict'].items()
                                         if k.endswith('running_mean'))
-    assert 0.0 <= stats['dead_fraction'] <= 1.0
+    gammas = torch.cat([v.abs() for k, v in ckpt['state_dict'].items()
+                        if k.endswith('.weight') and k.replace('.weight', '.running_var')
+                        in ckpt['state_dict']])
+    assert stats['dead_fraction'] == pytest.approx(float((gammas < DEAD_GAMMA).float().mean()))
     assert stats['min'] <= stats['median'] <= stats['max']
     assert 'stem.1' in stats['layers'] and 'layer4.1.bn2' in stats['layers']
 
