@@ -209,10 +209,11 @@ def test_changed_settings_on_resume_are_logged_and_legacy_bases_ignored(monkeypa
     checkpoint = dict(state_dict=state_dict_of(runner), optimizer={}, meta={})
     hook.before_save_checkpoint(runner, checkpoint)
     checkpoint['lrpet_bases'] = {'backbone.conv1': torch.zeros(16, 8)}  # an older version's
-    checkpoint['meta']['lrpet']['settings']['warm_start'] = True  # a setting that is gone
+    stored = checkpoint['meta']['lrpet']['settings']
+    stored.update(warm_start=True, layer_ratios={}, include='conv')  # as older versions wrote
     resumed = StubRunner(10)
     resumed.iter = 5
-    new = LRPETHook(rank_ratio=0.5, interval=2)
+    new = LRPETHook(rank_ratio=0.5, interval=2, include=['conv'])  # same, canonically
     resumed.hooks.append(new)
     new.after_load_checkpoint(resumed, checkpoint)
     new.before_train(resumed)

@@ -278,11 +278,17 @@ class LRPETHook(Hook):
 
 def changed_settings(stored: dict, settings: LRPETSettings) -> Dict[str, tuple]:
     """``{field: (stored, current)}`` for the settings that differ from those a checkpoint
-    stored. Fields the checkpoint does not have, and those an older lrpet_mm stored that no
-    longer exist, are not compared."""
+    stored, both in canonical form (an older lrpet_mm stored e.g. ``layer_ratios={}``). Fields
+    the checkpoint does not have, and those an older lrpet_mm stored that no longer exist, are
+    not compared."""
     current = settings.to_dict()
-    return {name: (stored[name], value) for name, value in current.items()
-            if name in stored and stored[name] != value}
+    known = {name: value for name, value in stored.items() if name in current}
+    try:
+        known = LRPETSettings(**known).to_dict()
+    except (TypeError, ValueError):  # not a valid combination on its own: compare as stored
+        pass
+    return {name: (known[name], value) for name, value in current.items()
+            if name in known and known[name] != value}
 
 
 def _split_summary(stats: ProjectionStats) -> str:

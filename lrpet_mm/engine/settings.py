@@ -188,11 +188,6 @@ class LRPETSettings:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def with_budget(self, rank_ratio: Optional[float] = None,
-                    flops_reduction: Optional[float] = None) -> 'LRPETSettings':
-        """A copy with another budget: ``rank_ratio`` or ``flops_reduction`` (not both)."""
-        return self.replace(rank_ratio=rank_ratio, flops_reduction=flops_reduction)
-
     def to_dict(self) -> dict:
         """JSON-able form (stored in checkpoint meta)."""
         data = dataclasses.asdict(self)

@@ -32,7 +32,7 @@ def plan_for(model: nn.Module, checkpoint: dict, cfg: Config, where: str,
     if rank_ratio is not None and flops_reduction is not None:
         raise ValueError('give at most one of rank_ratio and flops_reduction')
     settings = LRPETSettings.from_config(cfg) or LRPETSettings(rank_ratio=0.0)
-    settings = settings.with_budget(rank_ratio, flops_reduction)
+    settings = settings.replace(rank_ratio=rank_ratio, flops_reduction=flops_reduction)
     if flops_input_shape is not None:
         settings = settings.replace(flops_input_shape=flops_input_shape)
     plan, result = settings.plan(model, settings.select_targets(model), cfg)
