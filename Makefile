@@ -53,8 +53,9 @@ COMPAT_PINS  := PIP_CONSTRAINT=$(CURDIR)/requirements-compat.txt
 # (skipped without a GPU)
 COMPAT_TESTS ?= tests/test_lowrank_math.py tests/test_projection.py tests/test_factorize_conv.py \
 	tests/test_bn_recovery.py tests/test_target_pairing.py tests/test_core_is_pure_torch.py \
-	tests/test_lrpet_hook.py tests/test_resume.py tests/test_factorize_tool.py \
-	tests/test_environment.py tests/test_gpu_check.py tests/test_cuda.py
+	tests/test_hook_schedule.py tests/test_lrpet_hook.py tests/test_resume.py \
+	tests/test_factorize_tool.py tests/test_environment.py tests/test_gpu_check.py \
+	tests/test_cuda.py
 
 $(COMPAT_STAMP): requirements-compat.txt
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
