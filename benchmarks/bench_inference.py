@@ -8,8 +8,10 @@ interleaved; median of N runs after warm-up; freed memory retained by the alloca
 --allocator default. At 3x512x512 and 3x800x1333: the backbone in PyTorch eager (NCHW and
 channels_last) and onnxruntime, the whole models' eager tensor forward. At each config's test
 size: the whole deployed model, mmdeploy's end-to-end ONNX (NMS / RoI head in the graph) in
-ONNX Runtime, as tools/deploy.py writes it. Prints a Markdown table and writes
-benchmarks/results/inference.{json,md}.
+ONNX Runtime, as tools/deploy.py writes it, for these configs and, beside them, the
+whole-model configs (configs/lrpet/*_lrpet-model_*.py: −50 % whole-model FLOPs, neck and heads
+factorized too; --no-whole-model skips them, --deployed-only runs the deployed rows alone).
+Prints a Markdown table and writes benchmarks/results/inference.{json,md}.
 
     python benchmarks/bench_inference.py --threads 2   # full run (~30 min on the 2-core dev
                                                        # machine)
@@ -54,6 +56,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-deploy', action='store_true',
                         help='skip the mmdeploy end-to-end rows of the whole models')
     parser.add_argument('--no-segmentor', action='store_true', help='skip PSPNet')
+    parser.add_argument('--no-whole-model', action='store_true',
+                        help='skip the deployed whole-model LRPET configs')
+    parser.add_argument('--deployed-only', action='store_true',
+                        help='only the mmdeploy end-to-end rows (no eager / backbone rows)')
     parser.add_argument('--layouts', nargs='+', default=None,
                         choices=('contiguous', 'channels_last'),
                         help='eager memory formats timed (default: both)')
@@ -88,6 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             onnx=False if args.no_onnx else None,
             deploy=False if args.no_deploy else None,
             segmentor=False if args.no_segmentor else None,
+            whole_model=False if args.no_whole_model else None,
+            deployed_only=True if args.deployed_only else None,
             layouts=tuple(args.layouts) if args.layouts else None, allocator=args.allocator)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)

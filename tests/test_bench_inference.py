@@ -82,26 +82,34 @@ def test_quick_run_times_backbone_eager_and_the_deployed_whole_detector(tmp_path
                         '--threads', '2', '--out', str(out)]) == 0
     result = json.loads(out.with_suffix('.json').read_text())
     kinds = {(r['model'], r['runtime'], r['input']) for r in result['rows']}
+    whole_model = 'Faster R-CNN R18 whole, whole-model LRPET (mmdeploy end2end)'
     assert kinds == {
         ('ResNet-18 backbone', 'torch', '3x128x128'),
         ('ResNet-18 backbone', 'onnxruntime', '3x128x128'),
         ('Faster R-CNN R18 whole (tensor forward)', 'torch', '3x128x128'),
         # the toy config's test size 128x160, already a multiple of its pad divisor 32
-        ('Faster R-CNN R18 whole (mmdeploy end2end)', 'onnxruntime', '3x128x160')}
+        ('Faster R-CNN R18 whole (mmdeploy end2end)', 'onnxruntime', '3x128x160'),
+        (whole_model, 'onnxruntime', '3x128x160')}
     for row in result['rows']:
         assert row['original_ms'] > 0 and row['compact_ms'] > 0
         assert row['speedup'] == pytest.approx(row['original_ms'] / row['compact_ms'])
         assert (row['p3'] is not None) == (row['model'] == 'ResNet-18 backbone')
-        assert row['low_rank_layers'] == (20 if row['variant'] == 'factorized'
-                                          else 20 - row['merged_layers'])
+        planned = 31 if row['model'] == whole_model else 20  # + FPN, rpn_conv, shared FCs
+        assert row['low_rank_layers'] == (planned if row['variant'] == 'factorized'
+                                          else planned - row['merged_layers'])
     deployed = [r for r in result['rows'] if 'mmdeploy' in r['model']]
-    assert [r['variant'] for r in deployed] == ['factorized', 'latency-merged']
+    assert [r['variant'] for r in deployed] == ['factorized', 'latency-merged'] * 2
     assert deployed[0]['flops_ratio'] > 1.0  # planned -50 % backbone FLOPs, whole model less
+    # the whole-model config: -50 % of the whole model's FLOPs (ratio 2 within 1 %), the
+    # merge timed on the whole forward (every low-rank layer measured, heads included)
+    assert deployed[2]['flops_ratio'] == pytest.approx(2.0, rel=0.011)
+    whole_merge = result['merges'][-1]
+    assert whole_merge['family'] == 'faster-rcnn-model' and whole_merge['measured'] == 31
     sizes = {o['model']: o for o in result['onnx_sizes']}
     whole = sizes['Faster R-CNN R18 whole (mmdeploy end2end)']
     assert whole['factorized_bytes'] < whole['original_bytes']
     assert sizes['ResNet-18 backbone']['factorized_bytes'] < 0.6 * sizes[
         'ResNet-18 backbone']['original_bytes']
-    assert [m['runtime'] for m in result['merges']] == ['torch', 'onnxruntime', 'onnxruntime']
+    assert [m['runtime'] for m in result['merges']] == ['torch'] + ['onnxruntime'] * 3
     table = out.with_suffix('.md').read_text()
     assert '| Faster R-CNN R18 whole (mmdeploy end2end) | 3x128x160 | onnxruntime |' in table

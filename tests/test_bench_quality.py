@@ -106,9 +106,22 @@ def check_results(results: dict, settings: configs.BenchSettings, task_key: str,
     flops = {key: task['rows'][key]['summary']['backbone_flops'] for key in rows}
     base = flops['baseline']
     target = (1 - settings.tasks[0].flops_reduction) * base
-    for key in set(rows) - {'baseline'}:
+    whole_rows = set(rows) & set(configs.WHOLE_MODEL_ROWS)
+    for key in set(rows) - {'baseline'} - whole_rows:
         assert flops[key] is not None and abs(flops[key] - target) <= 0.02 * base, key
     assert abs(flops['prune'] - flops['lrpet']) <= 0.01 * flops['lrpet']
+    # whole-model rows: their budgets are whole-model test-time FLOPs (within the planner's
+    # 1 %): the backbone-only LRPET plan's, and half of the baseline's
+    model_flops = {key: task['rows'][key]['summary']['model_flops'] for key in rows}
+    assert model_flops['lrpet'] < model_flops['baseline']
+    assert task['rank_plan']['model_flops_after'] == model_flops['lrpet']
+    if 'lrpet_model_eq' in rows:
+        assert abs(model_flops['lrpet_model_eq'] - model_flops['lrpet']) <= 0.01 * model_flops[
+            'lrpet']
+        assert flops['lrpet_model_eq'] > flops['lrpet']  # the heads pay part of the budget
+    if 'lrpet_model_half' in rows:
+        half = 0.5 * model_flops['baseline']
+        assert abs(model_flops['lrpet_model_half'] - half) <= 0.01 * half
     # the uniform rows and both LRA rows are the same network
     same = {flops[key] for key in ('lrpet', 'paper', 'lra_half', 'lra_pretrained') if key in rows}
     assert len(same) == 1
@@ -116,7 +129,7 @@ def check_results(results: dict, settings: configs.BenchSettings, task_key: str,
     for comparison in task['comparisons'].values():
         assert comparison['n'] == len(settings.seeds)
         assert (comparison['ci95'] is not None) == (len(settings.seeds) > 1)
-    assert set(task['latency']['rows']) == set(rows)
+    assert set(task['latency']['rows']) == set(rows) - whole_rows  # backbones only
     assert all(ms > 0 for ms in task['latency']['rows'].values())
     assert 0 < task['prune_ratio'] < 1
     return task
@@ -156,7 +169,8 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_detection_on_a_user_data_root(tmp_path: Path) -> None:
     """Detection (mmdet ResNet, FPN) on a VOCdevkit given by the user; the rows whose code
-    differs by task (baseline, the hook, pruning of the mmdet backbone), to keep it short."""
+    differs by task (baseline, the hook, pruning of the mmdet backbone), to keep it short (the
+    whole-model rows run the hook with another scope: the segmentation run covers them)."""
     rows = ('baseline', 'lrpet', 'prune')
     root = generate_synthetic_voc(tmp_path / 'mine' / 'VOCdevkit', num_train=6, num_val=5,
                                   img_size=(144, 112), seed=3, hard=True,

@@ -87,6 +87,20 @@ def _rank0_log(work_dir: Path) -> str:
     return logs[-1].read_text() if logs else ''
 
 
+def _aborted_after_finishing(proc: subprocess.CompletedProcess, work_dir: Path) -> bool:
+    """The one failure that is retried: every rank wrote its final probe, then one aborted at
+    interpreter shutdown ("terminate called without an active exception", a torch 2.5 gloo
+    teardown race seen in CI about once in 20 runs although the group is destroyed at exit;
+    see lrpet_mm/workarounds/cpu_distributed.py). Any other failure fails the test."""
+    if proc.returncode == 0 or 'terminate called without an active exception' not in proc.stderr:
+        return False
+    probes = [work_dir / f'dist_probe_rank{r}.json' for r in range(WORLD_SIZE)]
+    if not all(p.is_file() for p in probes):
+        return False
+    records = [json.loads(p.read_text())['records'] for p in probes]
+    return all(len(r) == len(EXPECTED_WHERE) for r in records)
+
+
 class _Runs:
     """Trains once per wrapper, on first use: ``runs['plain']`` / ``runs['lrpetddp']`` give
     ``{'probes': [rank 0 probe, rank 1 probe], 'log': rank 0's log text}``."""
@@ -102,6 +116,10 @@ class _Runs:
             work_dir = self.tmp_path_factory.mktemp(f'dist_{key}')
             config = _write_config(self.voc_root, work_dir, self.WRAPPERS[key])
             proc = _launch(config, work_dir)
+            if _aborted_after_finishing(proc, work_dir):  # once, in a fresh work dir
+                work_dir = self.tmp_path_factory.mktemp(f'dist_{key}_again')
+                config = _write_config(self.voc_root, work_dir, self.WRAPPERS[key])
+                proc = _launch(config, work_dir)
             if proc.returncode != 0:  # remembered: the other tests of this run fail at once
                 self.results[key] = (f'{key} run failed (rc {proc.returncode}):\n'
                                      f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')

@@ -48,16 +48,17 @@ def metric(log: str, key: str) -> float:
     return float(re.findall(rf'{re.escape(key)}: ([0-9.]+)', log)[-1])
 
 
-@pytest.mark.parametrize('run_fixture,package,key,n_convs', [
-    ('det_lrpet_run', 'mmdet', 'pascal_voc/mAP', 20),  # ResNet-18
-    ('seg_lrpet_run', 'mmseg', 'mIoU', 22),  # ResNetV1c-18 (deep stem)
+@pytest.mark.parametrize('run_fixture,package,key,layers', [
+    # whole model: ResNet-18's 20 convs, FPN's 8, rpn_conv; the RoI head's 2 shared FCs
+    ('det_model_run', 'mmdet', 'pascal_voc/mAP', '29 convs and 2 linear layers'),
+    ('seg_lrpet_run', 'mmseg', 'mIoU', '22 convs'),  # backbone: ResNetV1c-18 (deep stem)
 ])
 def test_upstream_test_py_evaluates_the_compact_model_like_the_projected_one(
-        request, tmp_path, run_fixture, package, key, n_convs):
+        request, tmp_path, run_fixture, package, key, layers):
     config, ckpt = request.getfixturevalue(run_fixture)
     out = factorize(config, ckpt, '--work-dir', tmp_path / 'compact')
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(rf'factorized {n_convs} convs \(max relative rank-k error '
+    assert re.search(rf'factorized {layers} \(max relative rank-k error '
                      r'\d\.\d+e-0[5-9]\)', out.stdout)
     stem = config.stem
     compact_cfg = tmp_path / 'compact' / f'{stem}_lowrank.py'
@@ -122,7 +123,7 @@ def test_cfg_options_are_merged_into_the_config_and_the_compact_config(seg_lrpet
     assert compact.model.backbone.type == 'LRPETFactorized'
 
 
-def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_lrpet_run, det_lrpet_run, tmp_path):
+def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_lrpet_run, det_model_run, tmp_path):
     config, ckpt = seg_lrpet_run
     out_dir = tmp_path / 'out'
     truncated = tmp_path / 'truncated.pth'
@@ -138,7 +139,7 @@ def test_bad_inputs_give_clear_errors_and_no_partial_files(seg_lrpet_run, det_lr
                                                      r'read .*truncated'),
         ([config, ckpt, '--work-dir', a_file / 'sub'], r"cannot create output directory "
                                                        r"'.*a_file/sub'"),
-        ([det_lrpet_run[0], ckpt, '--work-dir', out_dir], r"checkpoint '.*' does not match the "
+        ([det_model_run[0], ckpt, '--work-dir', out_dir], r"checkpoint '.*' does not match the "
                                                     r"config's model: missing keys"),
     ]
     for args, message in cases:
@@ -166,12 +167,15 @@ def test_failure_while_writing_leaves_no_partial_file(seg_lrpet_run, tmp_path, m
 
 
 @pytest.mark.parametrize('name,scope', [('faster-rcnn_r18_fpn_lrpet_toy_voc', 'mmdet'),
-                                        ('pspnet_r18-d8_lrpet_toy_voc12aug', 'mmseg')])
+                                        ('pspnet_r18-d8_lrpet_toy_voc12aug', 'mmseg'),
+                                        ('faster-rcnn_r18_fpn_lrpet-model_toy_voc', 'mmdet'),
+                                        ('pspnet_r18-d8_lrpet-model_toy_voc12aug', 'mmseg')])
 def test_toy_lrpet_configs_add_only_the_hook_line(name, scope):
     from mmengine.config import Config
     from mmengine.registry import HOOKS, DefaultScope
     lrpet = Config.fromfile(str(CONFIG_DIR / f'{name}.py'))
-    base = Config.fromfile(str(CONFIG_DIR / f'{name.replace("_lrpet", "")}.py'))
+    base_name = re.sub(r'_lrpet(-model)?', '', name)
+    base = Config.fromfile(str(CONFIG_DIR / f'{base_name}.py'))
     assert lrpet.default_scope == scope
     assert lrpet.custom_imports == dict(imports=['lrpet_mm'], allow_failed_imports=False)
     assert [h['type'] for h in lrpet.custom_hooks] == ['LRPETHook']

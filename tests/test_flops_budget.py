@@ -40,7 +40,7 @@ def test_flops_budget_lands_within_one_percent_on_the_compact_model(make_model, 
     torch.manual_seed(0)
     model = make_model()
     selection = select_targets(model)
-    result = plan_ranks_for_flops(model.backbone, 'backbone', selection, reduction, shape,
+    result = plan_ranks_for_flops(model, 'backbone', selection, reduction, shape,
                                   rank_multiple=multiple)
     ranks = [layer.rank for layer in result.plan.layers.values()]
     assert len(ranks) == 53
@@ -65,7 +65,7 @@ def test_unreachable_flops_budget_is_an_error():
     with pytest.raises(ValueError, match=r"flops_reduction 0.5 cannot be reached in scope "
                                          r"'backbone': factorizing every target at its smallest "
                                          r'rank removes at most \d+\.\d %'):
-        plan_ranks_for_flops(model.backbone, 'backbone', only_layer1, 0.5, (3, 64, 64))
+        plan_ranks_for_flops(model, 'backbone', only_layer1, 0.5, (3, 64, 64))
 
 
 def test_budget_the_trainable_layers_cannot_reach_is_refused_with_the_maximum():
@@ -75,9 +75,9 @@ def test_budget_the_trainable_layers_cannot_reach_is_refused_with_the_maximum():
     model = Holder(ResNet(depth=50, frozen_stages=3, init_cfg=None)).eval()
     selection = select_targets(model)  # frozen='skip': only layer4 is trainable
     assert all(t.name.startswith('backbone.layer4.') for t in selection.targets)
-    with pytest.raises(ValueError, match=r'removes at most (\d+\.\d) % .*convs left alone '
+    with pytest.raises(ValueError, match=r'removes at most (\d+\.\d) % .*layers left alone '
                                          r'still count') as info:
-        plan_ranks_for_flops(model.backbone, 'backbone', selection, 0.6, (3, 64, 64))
+        plan_ranks_for_flops(model, 'backbone', selection, 0.6, (3, 64, 64))
     reachable = float(info.value.args[0].split('removes at most ')[1].split(' %')[0])
     assert 0 < reachable < 60
 

@@ -274,7 +274,7 @@ def test_flops_budget_lands_within_one_percent_on_the_compact_swin(make_model, r
     model = make_model()
     shape = (3, 96, 128)
     selection = select_targets(model)
-    result = plan_ranks_for_flops(model.backbone, 'backbone', selection, reduction, shape,
+    result = plan_ranks_for_flops(model, 'backbone', selection, reduction, shape,
                                   rank_multiple=multiple)
     target = (1 - reduction) * result.flops_before
     assert abs(result.flops_after - target) <= 0.01 * target

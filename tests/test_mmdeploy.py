@@ -56,8 +56,9 @@ def images_of_test_set(config: Path) -> list:
 
 
 @pytest.fixture(scope='module')
-def det_compact(det_lrpet_run, tmp_path_factory):
-    out = factorize_checkpoint(*det_lrpet_run, tmp_path_factory.mktemp('det_compact'))
+def det_compact(det_model_run, tmp_path_factory):
+    """The whole-model compact detector (backbone, FPN, RPN and RoI head factorized)."""
+    out = factorize_checkpoint(*det_model_run, tmp_path_factory.mktemp('det_compact'))
     return out.config_path, out.checkpoint_path
 
 

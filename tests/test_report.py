@@ -124,6 +124,14 @@ def check_numbers(run: dict, tmp_path: Path, key: str,
                                   ('compact', (run['lowrank_config'],
                                                run['lowrank_checkpoint']))):
         counts = independent_counts(config, ckpt)
+        model = load(config, ckpt)
+        components = [part for part, model_ in rows if model_ == which and part != 'model']
+        assert components[0] == 'backbone' and 'data_preprocessor' not in components
+        for part in components:  # every component with parameters, its own parameters
+            assert rows[part, which]['params'] == count_params(model.get_submodule(part))
+        # the components' shares of the traced forward add up to (at most) the whole
+        shares = sum(rows[part, which]['flops'] for part in components)
+        assert 0.95 * counts['model_flops'] <= shares <= counts['model_flops']
         assert rows['backbone', which]['flops'] == counts['backbone_flops']
         assert rows['backbone', which]['params'] == counts['backbone_params']
         assert rows['model', which]['flops'] == counts['model_flops']
@@ -252,7 +260,10 @@ def test_report_refuses_a_config_of_another_codebase():
 
 
 class Untraceable(nn.Module):
-    """A model whose tensor forward cannot be traced (its backbone can)."""
+    """A model whose tensor forward cannot be traced (its backbone can); it claims to be an
+    mmseg model, so the report tries to trace it."""
+
+    __module__ = 'mmseg.models.untraceable'
 
     def __init__(self):
         super().__init__()
@@ -263,7 +274,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_whole_model_is_reported_not_fatal():
-    result = measure_complexity(Untraceable(), 'mmseg', (3, 8, 8))
+    result = measure_complexity(Untraceable(), (3, 8, 8))
     assert result['backbone'] == dict(flops=4 * 27 * 36, params=4 * 27 + 4)
     assert result['model'] == dict(flops=None, params=4 * 27 + 4,
                                    flops_error='RuntimeError: cannot | trace this')
@@ -350,11 +361,15 @@ def test_failure_during_evaluation_removes_only_what_the_report_wrote(seg_run, t
 
 
 # ----------------------------------------------------------------------- detection
-def test_det_report_numbers_match_independent_counts_and_test_runs(det_lrpet_run, tmp_path):
-    run = make_run(det_lrpet_run, tmp_path / 'det', '--no-progress')
+def test_det_report_numbers_match_independent_counts_and_test_runs(det_model_run, tmp_path):
+    """The whole-model run: every component's row shows its own reduction."""
+    run = make_run(det_model_run, tmp_path / 'det', '--no-progress')
     report = run['report']
     assert report['task'] == 'detection' and report['rpn_proposals'] == 300
-    assert len(report['layers']) == 20  # ResNet-18: stem conv + 16 + 3 downsample
+    assert len(report['layers']) == 31  # ResNet-18's 20, FPN's 8, rpn_conv, 2 shared FCs
+    rows = rows_of(report)
+    for part in ('neck', 'rpn_head', 'roi_head'):
+        assert rows[part, 'compact']['flops'] < rows[part, 'original']['flops']
     # (one independent test run here, to save time: the compact metric is checked equal to it)
     check_numbers(run, tmp_path, 'pascal_voc/mAP', test_runs=('original', ))
     assert 'RoI' in (run['out'] / 'report.md').read_text()

@@ -2,7 +2,8 @@
 """`make demo`: the whole LRPET workflow on CPU with the built-in VOC-layout data.
 
 1. build the data set (data/VOCdevkit);
-2. train a small Faster R-CNN with LRPETHook through the upstream mmdet ``tools/train.py``;
+2. train a small Faster R-CNN with whole-model LRPET (−50 % of the whole detector's FLOPs:
+   backbone, FPN, RPN and RoI head) through the upstream mmdet ``tools/train.py``;
 3. factorize the checkpoint into the compact model (``tools/factorize.py``);
 4. evaluate the compact model with the upstream mmdet ``tools/test.py``;
 5. print the report (FLOPs, params, mAP of projected vs compact) from ``tools/report.py``.
@@ -21,12 +22,12 @@ from lrpet_mm.engine.checkpoint_meta import (
     load_checkpoint_file,
     rank_plan_from_checkpoint,
 )
-from lrpet_mm.models import factorize_checkpoint
+from lrpet_mm.models import describe_layers, factorize_checkpoint
 from lrpet_mm.utils import upstream_tool
 from lrpet_mm.utils.cli import tool_parser
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / 'configs' / 'lrpet' / '_toy_' / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py'
+DEMO_CONFIG = REPO / 'configs' / 'lrpet' / '_toy_' / 'faster-rcnn_r18_fpn_lrpet-model_toy_voc.py'
 
 
 def parse_args():
@@ -90,7 +91,7 @@ def main() -> int:
     params_before = sum(layer.params_before for layer in plan.layers.values())
     params_after = sum(layer.params_after for layer in plan.layers.values())
     ok = all(c.numerical_rank <= c.planned_rank for c in checks)
-    print(f'\n[demo] {len(checks)} projected convs, all at rank <= k: {ok}; their weights '
+    print(f'\n[demo] {len(checks)} projected layers, all at rank <= k: {ok}; their weights '
           f'would go from {params_before} to {params_after} parameters '
           f'({100 * (1 - params_after / params_before):.1f} % fewer) once factorized')
     for name, reason in plan.skipped.items():
@@ -99,7 +100,8 @@ def main() -> int:
         return 1
 
     out = factorize_checkpoint(DEMO_CONFIG, ckpt, compact_dir)
-    print(f'\n[demo] factorized {len(out.compact.layers)} convs into two cascaded convs each:'
+    print(f'\n[demo] factorized {describe_layers(out.compact.layers)} into two cascaded '
+          'layers each:'
           f'\n  {out.config_path}\n  {out.checkpoint_path}')
     test = upstream_tool('mmdet', 'test.py')
     cmd = [sys.executable, str(test), str(out.config_path), str(out.checkpoint_path),

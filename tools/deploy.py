@@ -22,6 +22,7 @@ import sys
 from lrpet_mm.deploy.latency import low_rank_layers
 from lrpet_mm.deploy.merged_checkpoint import latency_merge_checkpoint
 from lrpet_mm.deploy.mmdeploy_export import BACKENDS, deploy_model, evaluate_deployed
+from lrpet_mm.engine.checkpoint_meta import META_KEY, load_checkpoint_file
 from lrpet_mm.models.loading import build_model_from_config, load_config
 from lrpet_mm.utils.cli import add_cfg_options, add_input_shape, run_tool, tool_parser
 
@@ -59,6 +60,20 @@ def has_low_rank_layers(config, cfg_options) -> bool:
     return bool(low_rank_layers(build_model_from_config(load_config(config, cfg_options))))
 
 
+def refuse_unfactorized(args) -> None:
+    """A training checkpoint of LRPETHook is low-rank but still full size: deploying it would
+    export the full-size model. Tell the user to factorize it first."""
+    if has_low_rank_layers(args.config, args.cfg_options):
+        return
+    meta = load_checkpoint_file(args.checkpoint).get('meta') or {}
+    if (meta.get(META_KEY) or {}).get('plan'):
+        raise ValueError(
+            f'checkpoint {args.checkpoint!r} was trained with LRPETHook: its layers are '
+            'low-rank but not yet factorized, so it would deploy at full size. Run '
+            f'tools/factorize.py {args.config} {args.checkpoint} --work-dir DIR first, then '
+            'deploy DIR/<name>_lowrank.py and DIR/<name>_lowrank.pth')
+
+
 def merge_first(args) -> tuple:
     """The (config, checkpoint) to export: the latency-aware merged pair written into the work
     directory, or the given pair where the merge does not apply (printing why)."""
@@ -88,6 +103,7 @@ def main(argv=None) -> int:
         if args.test and args.backend != 'onnxruntime':
             raise ValueError('--test runs the deployed model in ONNX Runtime: use '
                              '--backend onnxruntime')
+        refuse_unfactorized(args)
         config, checkpoint = merge_first(args)
         paths = deploy_model(config, checkpoint, args.work_dir, args.backend,
                              args.cfg_options, args.input_shape)

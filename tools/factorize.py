@@ -54,7 +54,8 @@ def main(argv=None) -> int:
               f'{before} -> {after} ({100 * (1 - after / before):.1f} % fewer)')
         if out.flops is not None:
             flops = out.flops
-            print(f'planned FLOPs of the scope at input {tuple(flops["input_shape"])}: '
+            print(f'planned FLOPs of {flops.get("counted", "the scope")} at input '
+                  f'{tuple(flops["input_shape"])}: '
                   f'{flops["flops_before"]} -> {flops["flops_after"]} '
                   f'({100 * flops["reduction"]:.1f} % fewer)')
         print(f'config:     {out.config_path}')

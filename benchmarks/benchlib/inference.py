@@ -77,16 +77,20 @@ from lrpet_mm.deploy import (
 )
 from lrpet_mm.deploy.merged_checkpoint import merged_config
 from lrpet_mm.deploy.mmdeploy_export import deploy_model, mmdeploy_ops_library
-from lrpet_mm.engine.flops import count_flops
+from lrpet_mm.engine.flops import TensorForward, count_flops, fixed_proposal_count
 from lrpet_mm.engine.input_shape import resolve_input_shape
 from lrpet_mm.models import compact_config
-from lrpet_mm.report.complexity import TensorForward, fixed_proposal_count, make_data_samples
 
 CONFIGS = REPO_ROOT / 'configs' / 'lrpet'
 DET_CONFIG = CONFIGS / 'faster-rcnn_r50_fpn_lrpet_1x_voc0712.py'
 SEG_CONFIG = CONFIGS / 'pspnet_r50-d8_lrpet_4xb4-20k_voc12aug-512x512.py'
 TOY_DET_CONFIG = CONFIGS / '_toy_' / 'faster-rcnn_r18_fpn_lrpet_toy_voc.py'
 TOY_SEG_CONFIG = CONFIGS / '_toy_' / 'pspnet_r18-d8_lrpet_toy_voc12aug.py'
+#: the whole-model configs (-50 % whole-model FLOPs: backbone, neck and heads factorized)
+DET_MODEL_CONFIG = CONFIGS / 'faster-rcnn_r50_fpn_lrpet-model_1x_voc0712.py'
+SEG_MODEL_CONFIG = CONFIGS / 'pspnet_r50-d8_lrpet-model_4xb4-20k_voc12aug-512x512.py'
+TOY_DET_MODEL_CONFIG = CONFIGS / '_toy_' / 'faster-rcnn_r18_fpn_lrpet-model_toy_voc.py'
+TOY_SEG_MODEL_CONFIG = CONFIGS / '_toy_' / 'pspnet_r18-d8_lrpet-model_toy_voc12aug.py'
 FULL_INPUTS = ((3, 512, 512), (3, 800, 1333))
 QUICK_INPUT = (3, 128, 128)
 P3_FACTOR = 0.8
@@ -100,7 +104,9 @@ WHOLE_PARTS = {'detector': 'mmdet', 'segmentor': 'mmseg'}
 @dataclass
 class Settings:
     """What to run. ``shapes`` are (C, H, W); ``threads`` None = all cores; ``deploy``:
-    also time mmdeploy's end-to-end ONNX of the whole models (needs ``onnx``)."""
+    also time mmdeploy's end-to-end ONNX of the whole models (needs ``onnx``);
+    ``whole_model``: also deploy the whole-model LRPET configs (their mmdeploy rows only);
+    ``deployed_only``: only the mmdeploy rows (no eager or backbone rows)."""
     quick: bool = False
     shapes: Tuple[Tuple[int, int, int], ...] = FULL_INPUTS
     threads: Optional[int] = None
@@ -111,6 +117,8 @@ class Settings:
     onnx: bool = True
     deploy: bool = True
     segmentor: bool = True
+    whole_model: bool = True
+    deployed_only: bool = False
     layouts: Tuple[str, ...] = ('contiguous', 'channels_last')
     allocator: str = 'retain'
 
@@ -133,6 +141,8 @@ class Settings:
             check_memory_format(layout)
         if self.allocator not in ALLOCATORS:
             raise ValueError(f'allocator must be one of {ALLOCATORS}, got {self.allocator!r}')
+        if self.deployed_only and not (self.onnx and self.deploy):
+            raise ValueError('deployed_only needs the mmdeploy rows (onnx and deploy on)')
 
 
 def default_settings(quick: bool = False, **overrides) -> Settings:
@@ -180,7 +190,7 @@ def _part_module(model: nn.Module, part: str, shape: Sequence[int]) -> nn.Module
     """Module of one tensor: a whole model's tensor forward (:data:`WHOLE_PARTS`), or the
     backbone."""
     if part in WHOLE_PARTS:
-        module = TensorForward(model, make_data_samples(WHOLE_PARTS[part], shape))
+        module = TensorForward(model, shape)
         module.eval()
         return module
     return export_wrapper(model, shape)
@@ -210,6 +220,7 @@ class Family:
     backbone_label: Optional[str]  # None: no backbone rows
     whole_label: str
     whole_part: str
+    deployed_only: bool = False  # only the mmdeploy end-to-end rows
 
 
 class _Bench:
@@ -228,10 +239,16 @@ class _Bench:
         return self.flops_cache[key]
 
     def merge(self, family: str, compact: nn.Module, shape, runtime: str,
-              layout: str = 'contiguous'):
+              layout: str = 'contiguous', whole: bool = False):
+        """Latency-aware merge timed on the backbone's forward, or (``whole``) on the whole
+        test-time forward, as ``tools/deploy.py`` does, so neck and head layers are timed."""
         x = torch.zeros(1, *shape).contiguous(memory_format=check_memory_format(layout))
         start = time.perf_counter()
-        result = latency_aware_merge(compact, lambda m: m.backbone(x), runtime=runtime,
+
+        def example(m: nn.Module) -> None:
+            TensorForward(m, shape)(x) if whole else m.backbone(x)
+
+        result = latency_aware_merge(compact, example, runtime=runtime,
                                      repeats=self.s.merge_repeats, warmup=self.s.warmup,
                                      margin=self.s.merge_margin, threads=self.s.threads,
                                      memory_format=layout)
@@ -309,7 +326,7 @@ class _Bench:
         checkpoint file, timed interleaved in ONNX Runtime with mmdeploy's custom ops."""
         shape = padded_input_shape(fam.cfg)
         compact = fam.synthetic.compact
-        merge, record = self.merge(fam.name, compact.model, shape, 'onnxruntime')
+        merge, record = self.merge(fam.name, compact.model, shape, 'onnxruntime', whole=True)
         factorized_cfg = compact_config(fam.cfg, compact)
         pairs = {'original': (fam.cfg, fam.synthetic.original),
                  'factorized': (factorized_cfg, compact.model),
@@ -343,6 +360,12 @@ class _Bench:
         """Backbone and whole-model rows of one model at every input size: eager in each
         layout, then onnxruntime (the backbone export); then the mmdeploy end-to-end model at
         the config's test size."""
+        if fam.deployed_only or self.s.deployed_only:
+            self.log(f'{fam.title}: mmdeploy end-to-end ONNX at the test size')
+            original, compact = fam.synthetic.original, fam.synthetic.compact.model
+            self.measure_deployed(fam, {'original': fold_batchnorms(original)[0],
+                                        'factorized': fold_batchnorms(compact)[0]})
+            return
         parts = [(fam.backbone_label, 'backbone', True)] if fam.backbone_label else []
         parts.append((fam.whole_label + ' (tensor forward)', fam.whole_part, False))
         original, compact = fam.synthetic.original, fam.synthetic.compact.model
@@ -382,13 +405,14 @@ def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module
     return dict(models)
 
 
-def load_family(name: str, title: str, config: Path, backbone_label: str, whole_label: str,
-                whole_part: str, plan_shape: Optional[Sequence[int]] = None) -> Family:
+def load_family(name: str, title: str, config: Path, backbone_label: Optional[str],
+                whole_label: str, whole_part: str, plan_shape: Optional[Sequence[int]] = None,
+                deployed_only: bool = False) -> Family:
     """Random model of ``config``, factorized at its hook's budget (planned at
     ``plan_shape``, default the config's input size)."""
     cfg = random_init_config(config)
     return Family(name, title, cfg, synthetic_compact_model(cfg, flops_input_shape=plan_shape),
-                  backbone_label, whole_label, whole_part)
+                  backbone_label, whole_label, whole_part, deployed_only)
 
 
 # --------------------------------------------------------------------------- output
@@ -457,17 +481,29 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            det_config, seg_config = ((TOY_DET_CONFIG, TOY_SEG_CONFIG) if settings.quick
-                                      else (DET_CONFIG, SEG_CONFIG))
-            depth = 18 if settings.quick else 50
-            log(f'building Faster R-CNN R{depth} (random weights) and planning its ranks')
-            bench.family(load_family('faster-rcnn', f'Faster R-CNN R{depth}', det_config,
-                                     f'ResNet-{depth} backbone', f'Faster R-CNN R{depth} whole',
-                                     'detector'))
+            quick = settings.quick
+            depth = 18 if quick else 50
+            families = [('faster-rcnn', f'Faster R-CNN R{depth}',
+                         TOY_DET_CONFIG if quick else DET_CONFIG, f'ResNet-{depth} backbone',
+                         f'Faster R-CNN R{depth} whole', 'detector', False)]
+            if settings.whole_model and settings.deploy and settings.onnx:
+                families.append(('faster-rcnn-model', f'Faster R-CNN R{depth}, whole-model LRPET',
+                                 TOY_DET_MODEL_CONFIG if quick else DET_MODEL_CONFIG, None,
+                                 f'Faster R-CNN R{depth} whole, whole-model LRPET', 'detector',
+                                 True))
             if settings.segmentor:
-                log(f'building PSPNet R{depth}-D8 (random weights) and planning its ranks')
-                bench.family(load_family('pspnet', f'PSPNet R{depth}-D8', seg_config, None,
-                                         f'PSPNet R{depth}-D8 whole', 'segmentor'))
+                families.append(('pspnet', f'PSPNet R{depth}-D8',
+                                 TOY_SEG_CONFIG if quick else SEG_CONFIG, None,
+                                 f'PSPNet R{depth}-D8 whole', 'segmentor', False))
+                if settings.whole_model and settings.deploy and settings.onnx:
+                    families.append(('pspnet-model', f'PSPNet R{depth}-D8, whole-model LRPET',
+                                     TOY_SEG_MODEL_CONFIG if quick else SEG_MODEL_CONFIG, None,
+                                     f'PSPNet R{depth}-D8 whole, whole-model LRPET',
+                                     'segmentor', True))
+            for name, title, config, backbone, whole, part, deployed_only in families:
+                log(f'building {title} (random weights) and planning its ranks')
+                bench.family(load_family(name, title, config, backbone, whole, part,
+                                         deployed_only=deployed_only))
     finally:
         torch.set_num_threads(before)
         shutil.rmtree(bench.tmp, ignore_errors=True)

@@ -10,10 +10,11 @@ compact config with the merged layers moved from ``ranks`` to ``merged`` in thei
 :mod:`lrpet_mm.models.factorized_module`), and the merged weights. Both files are written to
 temporary files and renamed, so a failure leaves no partial output.
 
-The timing forward is ``model.extract_feat`` (backbone + neck of an mmdet detector or an mmseg
-segmentor) on an all-zero image of the deployment size: low-rank layers outside it (e.g. in a
-head, with ``LRPETHook(scope='model')``) are not called and stay factorized (listed in
-``not_called``).
+The timing forward is the model's test-time tensor forward
+(:class:`~lrpet_mm.engine.flops.TensorForward`: backbone, neck and heads, for a two-stage
+detector on the RPN's ``max_per_img`` proposals) on an all-zero image of the deployment size,
+so every low-rank layer of a whole-model compact model is timed at its real input shape;
+layers it does not call (an auxiliary head) stay factorized (listed in ``not_called``).
 """
 import copy
 import os
@@ -25,6 +26,7 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
+from ..engine.flops import TensorForward
 from ..engine.input_shape import resolve_input_shape
 from ..models.loading import load_config, load_model_and_checkpoint
 from ..utils.atomic import atomic_path, check_writable_dir
@@ -104,7 +106,7 @@ def latency_merge_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: Pa
     image = torch.zeros(1, *shape)
 
     def example(m: nn.Module) -> None:
-        (m.extract_feat if hasattr(m, 'extract_feat') else m.backbone)(image)
+        TensorForward(m, shape)(image)
 
     result = latency_aware_merge(model, example, runtime=runtime, repeats=repeats,
                                  warmup=warmup, margin=margin, threads=threads, inplace=True)

@@ -93,9 +93,11 @@ class LRPETHook(Hook):
             plan, result = settings.plan(model, selection, cfg)
             if result is not None:
                 self.flops_info = result.to_dict()
-                print_log(f'LRPET: rank ratio {result.rank_ratio:.4f} removes '
-                          f'{100 * result.reduction:.2f} % of the {settings.scope or "model"} '
-                          f'FLOPs ({result.flops_before} -> {result.flops_after} at input '
+                what = ("the whole model's test-time" if settings.whole_model
+                        else f'the {settings.scope}')
+                print_log(f'LRPET: ranks (uniform ratio {result.rank_ratio:.4f}) remove '
+                          f'{100 * result.reduction:.2f} % of {what} FLOPs '
+                          f'({result.flops_before} -> {result.flops_after} at input '
                           f'{tuple(result.input_shape)}; target '
                           f'{100 * settings.flops_reduction:.1f} %)', logger='current')
         for name, reason in plan.skipped.items():
@@ -105,7 +107,7 @@ class LRPETHook(Hook):
                                           settings.bn_recovery, settings.bnr_eps)
         params_before = sum(layer.params_before for layer in plan.layers.values())
         params_after = sum(layer.params_after for layer in plan.layers.values())
-        print_log(f'LRPET: {len(plan)} layers planned in {settings.scope or "the model"!r} '
+        print_log(f'LRPET: {len(plan)} layers planned in {settings.describe_scope()} '
                   f'({len(plan.skipped)} left alone); their weights would go from '
                   f'{params_before} to {params_after} parameters after factorization',
                   logger='current')

@@ -18,7 +18,12 @@ from ..lowrank import (
     check_rank_ratio,
     select_targets,
 )
-from ..lowrank.targets import FROZEN_POLICIES, UNPAIRED_POLICIES, compile_patterns
+from ..lowrank.targets import (
+    FROZEN_POLICIES,
+    PREDICTOR_POLICIES,
+    UNPAIRED_POLICIES,
+    compile_patterns,
+)
 from .input_shape import check_input_shape, resolve_input_shape
 from .planning import FlopsPlanResult, plan_targets
 
@@ -58,10 +63,13 @@ class LRPETSettings:
             weight keeps k = floor((1 − p)·min(m, n)) singular values. Give exactly one of
             ``rank_ratio`` and ``flops_reduction``. Defaults to None.
         flops_reduction (float, optional): r ∈ (0, 1): choose one rank ratio so that the
-            factorized ``scope`` module has (1 − r)× its FLOPs, counted by mmengine.analysis
-            at ``flops_input_shape`` (within ±1 %); FLOPs of layers left alone (frozen,
-            excluded) still count in the total, and a budget that the targets cannot reach is
-            refused before training with the reachable maximum. Defaults to None.
+            budgeted FLOPs become (1 − r)×, counted by mmengine.analysis at
+            ``flops_input_shape`` (within ±1 %): the ``scope`` component's FLOPs for a
+            component scope, the whole model's test-time FLOPs (its tensor forward, as the
+            report counts them) for a whole-model scope. FLOPs of layers left alone (frozen,
+            excluded, predictors) still count in the total, and a budget that the targets
+            cannot reach is refused before training with the reachable maximum.
+            Defaults to None.
         flops_input_shape (tuple[int], optional): (C, H, W) for FLOPs counting. Defaults to
             None: the config's ``crop_size`` (mmseg) or test ``Resize`` scale (mmdet).
         interval (int): project every ``interval`` epochs or iterations. Defaults to 1.
@@ -71,8 +79,11 @@ class LRPETSettings:
             Defaults to True.
         bn_rectify (bool): BN rectification for convs followed by a BatchNorm.
             Defaults to True.
-        scope (str): dotted path of the submodule whose convs and linear layers are projected
-            ('' = the whole model). Defaults to 'backbone'.
+        scope (str | list[str]): what is projected: the dotted path of one component (e.g.
+            'backbone'), or the whole model: '' or a list of its components (e.g.
+            ``['backbone', 'neck', 'rpn_head', 'roi_head']``). With a whole-model scope,
+            ``flops_reduction`` budgets the whole model's test-time FLOPs and layers that do
+            not run at test time (auxiliary heads) are left alone. Defaults to 'backbone'.
         include (str | list[str], optional): regexes on full module names; only matching
             layers in scope are projected. Each must match a conv or linear layer. Defaults to
             None.
@@ -88,10 +99,17 @@ class LRPETSettings:
             convolution kernels: the factorized model runs faster at the same FLOPs); with
             ``flops_reduction`` the budget is still met. 1 keeps the paper's ranks.
             Defaults to 1.
-        unpaired (str): with ``bn_rectify``, what to do with a conv whose output no BatchNorm
-            consumes: 'skip' (logged), 'project' (without BNR) or 'error'. A conv followed by a
-            GroupNorm/LayerNorm raises unless 'project'. Linear layers are always projected
-            without BNR, whatever this says. Defaults to 'skip'.
+        unpaired (str, optional): with ``bn_rectify``, what to do with a conv whose output no
+            BatchNorm consumes: 'skip' (logged), 'project' (without BNR; its bias goes to the
+            second factor) or 'error'. A conv followed by a GroupNorm/LayerNorm raises unless
+            'project'. Linear layers are always projected without BNR, whatever this says.
+            Defaults to None: 'project' for a whole-model scope (FPN and RPN convs have no
+            BatchNorm), 'skip' for a component scope.
+        predictors (str): a head's final predictor (``fc_cls``/``fc_reg``,
+            ``rpn_cls``/``rpn_reg``, ``conv_seg``..., see
+            :data:`~lrpet_mm.lowrank.targets.PREDICTOR_PATTERN`): 'skip' (logged: a
+            rank-limited classifier caps class separability for little FLOPs) or 'project'.
+            Defaults to 'skip'.
         bn_recovery (str): how BN rectification recovers the conv weight from the projected
             BN-folded weight ΓW: 'in_span' (W ← α·W·V_kV_kᵀ with V_k the kept right singular
             subspace of ΓW: Γ·W_new is exactly the energy-transferred projection, no ε, and a
@@ -111,14 +129,15 @@ class LRPETSettings:
     by_epoch: Optional[bool] = None
     energy_transfer: bool = True
     bn_rectify: bool = True
-    scope: str = 'backbone'
+    scope: Union[str, Sequence[str]] = 'backbone'
     include: Patterns = None
     exclude: Patterns = None
     frozen: str = 'skip'
     layer_ratios: Optional[Dict[str, float]] = None
     min_rank: int = 1
     rank_multiple: int = 1
-    unpaired: str = 'skip'
+    unpaired: Optional[str] = None
+    predictors: str = 'skip'
     bn_recovery: str = 'in_span'
     bnr_eps: float = BNR_EPS
     project_before_val: bool = True
@@ -141,6 +160,9 @@ class LRPETSettings:
             layer_ratios=self._check_layer_ratios(),
             bnr_eps=self._check_bnr_eps(),
             scope=self._check_scope())
+        whole_model = not isinstance(canonical['scope'], str) or canonical['scope'] == ''
+        canonical['unpaired'] = (self.unpaired if self.unpaired is not None
+                                 else 'project' if whole_model else 'skip')
         for name in ('interval', 'min_rank'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -150,7 +172,8 @@ class LRPETSettings:
         for name in ('energy_transfer', 'bn_rectify', 'project_before_val'):
             _choice(getattr(self, name), (True, False), name)
         _choice(self.frozen, FROZEN_POLICIES, 'frozen')
-        _choice(self.unpaired, UNPAIRED_POLICIES, 'unpaired')
+        _choice(canonical['unpaired'], UNPAIRED_POLICIES, 'unpaired')
+        _choice(self.predictors, PREDICTOR_POLICIES, 'predictors')
         _choice(self.bn_recovery, BN_RECOVERIES, 'bn_recovery')
         for name, value in canonical.items():
             object.__setattr__(self, name, value)
@@ -171,10 +194,28 @@ class LRPETSettings:
             raise ValueError(f'bnr_eps must be > 0, got {self.bnr_eps!r}')
         return float(self.bnr_eps)
 
-    def _check_scope(self) -> str:
-        if self.scope is not None and not isinstance(self.scope, str):
-            raise TypeError(f'scope must be a module path string, got {self.scope!r}')
-        return self.scope or ''
+    def _check_scope(self) -> Union[str, Tuple[str, ...]]:
+        if self.scope is None or isinstance(self.scope, str):
+            return self.scope or ''
+        if not isinstance(self.scope, (list, tuple)) or not self.scope or not all(
+                isinstance(c, str) and c for c in self.scope):
+            raise TypeError("scope must be a module path ('' = the whole model) or a "
+                            f'non-empty list of component names, got {self.scope!r}')
+        if len(set(self.scope)) != len(self.scope):
+            raise ValueError(f'scope lists a component twice: {list(self.scope)}')
+        return tuple(self.scope)
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether the scope is the whole model ('' or a list of components): budgets count
+        the whole model's test-time forward."""
+        return not isinstance(self.scope, str) or self.scope == ''
+
+    def describe_scope(self) -> str:
+        """The scope in words, for log lines."""
+        if isinstance(self.scope, str):
+            return repr(self.scope) if self.scope else 'the whole model'
+        return f'the whole model ({", ".join(self.scope)})'
 
     @classmethod
     def from_config(cls, cfg) -> Optional['LRPETSettings']:
@@ -194,18 +235,21 @@ class LRPETSettings:
         for name in ('flops_input_shape', 'include', 'exclude'):
             if data[name] is not None:
                 data[name] = list(data[name])
+        if not isinstance(data['scope'], str):
+            data['scope'] = list(data['scope'])
         return data
 
     def select_targets(self, model) -> TargetSelection:
         """The layers these settings project in ``model`` (see
         :func:`~lrpet_mm.lowrank.targets.select_targets`)."""
         return select_targets(model, self.scope, self.include, self.exclude, self.bn_rectify,
-                              self.unpaired, self.frozen)
+                              self.unpaired, self.frozen, self.predictors)
 
     def plan(self, model, selection: TargetSelection, cfg=None
              ) -> Tuple[RankPlan, Optional[FlopsPlanResult]]:
         """Ranks for ``selection`` (see :func:`~lrpet_mm.engine.planning.plan_targets`);
-        ``cfg`` gives the FLOPs input shape when ``flops_input_shape`` is not set."""
+        ``cfg`` gives the FLOPs input shape when ``flops_input_shape`` is not set (needed for
+        a FLOPs budget, and for a whole-model scope, whose test-time forward is traced)."""
         shape = (resolve_input_shape(cfg, self.flops_input_shape, 'flops_input_shape')
-                 if self.flops_reduction is not None else None)
+                 if self.flops_reduction is not None or self.whole_model else None)
         return plan_targets(model, selection, self, shape)

@@ -39,6 +39,8 @@ from .targets import (
     TargetSelection,
     find_conv_norm_pairs,
     get_scope_module,
+    is_predictor,
+    scope_components,
     select_targets,
 )
 
@@ -51,5 +53,5 @@ __all__ = [
     'truncated_svd', 'LowRankProjector', 'ProjectionStats', 'LayerRank', 'RankPlan',
     'check_rank_multiple', 'check_rank_ratio', 'factorization_pays', 'plan_ranks',
     'rank_for_ratio', 'LayerTarget', 'TargetSelection', 'find_conv_norm_pairs',
-    'get_scope_module', 'select_targets'
+    'get_scope_module', 'is_predictor', 'scope_components', 'select_targets'
 ]

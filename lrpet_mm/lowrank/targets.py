@@ -42,6 +42,18 @@ _MHA_OUT_PROJ_QUALNAME = 'torch.nn.modules.linear.NonDynamicallyQuantizableLinea
 UNPAIRED_POLICIES = ('skip', 'project', 'error')
 #: What :func:`select_targets` does with a conv whose weight does not require grad.
 FROZEN_POLICIES = ('skip', 'project')
+#: What :func:`select_targets` does with a head's final predictor (:data:`PREDICTOR_PATTERN`).
+PREDICTOR_POLICIES = ('skip', 'project')
+#: A head's final predictor, by the name OpenMMLab heads give it: mmdet ``rpn_cls`` /
+#: ``rpn_reg``, ``fc_cls`` / ``fc_reg``, ``conv_cls`` / ``conv_reg`` / ``conv_centerness``,
+#: ``retina_cls`` / ``retina_reg``, ``conv_logits`` (mask heads), YOLOX
+#: ``multi_level_conv_cls.0`` / ``..._obj.0``; mmseg ``conv_seg``. A rank-limited classifier
+#: caps how many classes it can separate, for little FLOPs, so predictors are left alone by
+#: default.
+PREDICTOR_PATTERN = r'(^|[._])(cls|reg|seg|logits|centerness|obj|objectness)(\.\d+)?$'
+PREDICTOR_REASON = ("final predictor (class / box / segmentation output): a rank-limited "
+                    "predictor caps how many classes it separates, for little FLOPs; "
+                    "predictors='project' projects it")
 
 
 def _qualname(module: nn.Module) -> str:
@@ -202,6 +214,33 @@ def _as_patterns(patterns: Union[None, str, Sequence[str]], what: str) -> List[s
     return patterns
 
 
+def is_predictor(name: str) -> bool:
+    """Whether the layer ``name`` is a head's final predictor (:data:`PREDICTOR_PATTERN`)."""
+    return re.search(PREDICTOR_PATTERN, name) is not None
+
+
+def scope_components(model: nn.Module, scope: Union[None, str, Sequence[str]]) -> List[str]:
+    """``scope`` as a list of module paths ('' = the whole model), each checked to exist in
+    ``model``; a list must name distinct components, none inside another."""
+    if scope is None or isinstance(scope, str):
+        get_scope_module(model, scope)
+        return [scope or '']
+    components = list(scope)
+    if not components or not all(isinstance(c, str) and c for c in components):
+        raise ValueError(f'scope must be a module path or a non-empty list of component '
+                         f'names, got {scope!r}')
+    for component in components:
+        get_scope_module(model, component)
+    if len(set(components)) != len(components):
+        raise ValueError(f'scope lists a component twice: {components}')
+    for outer in components:
+        for inner in components:
+            if inner.startswith(f'{outer}.'):
+                raise ValueError(f'scope lists {inner!r}, which is inside {outer!r}: '
+                                 f'{components}')
+    return components
+
+
 def get_scope_module(model: nn.Module, scope: Optional[str]) -> nn.Module:
     """The submodule at dotted path ``scope`` ('' or None = the model); clear error if absent."""
     if not scope:
@@ -215,11 +254,12 @@ def get_scope_module(model: nn.Module, scope: Optional[str]) -> nn.Module:
 
 
 def select_targets(model: nn.Module,
-                   scope: Optional[str] = 'backbone',
+                   scope: Union[None, str, Sequence[str]] = 'backbone',
                    include: Union[None, str, Sequence[str]] = None,
                    exclude: Union[None, str, Sequence[str]] = None,
                    bn_rectify: bool = True,
-                   unpaired: str = 'skip', frozen: str = 'skip') -> TargetSelection:
+                   unpaired: str = 'skip', frozen: str = 'skip',
+                   predictors: str = 'skip') -> TargetSelection:
     """Choose the layers to project (plain convs with ``groups=1`` and plain linear layers)
     and the BNs of the convs.
 
@@ -228,7 +268,8 @@ def select_targets(model: nn.Module,
 
     Args:
         model: the (unwrapped) model.
-        scope: dotted path of the submodule to search ('' or None: the whole model).
+        scope: dotted path of the submodule to search ('' or None: the whole model), or a
+            list of such paths (e.g. ``['backbone', 'neck', 'rpn_head', 'roi_head']``).
             Defaults to ``'backbone'``.
         include: regexes (``re.search`` on the full module name); if given, only matching
             layers in scope are considered. Each pattern must match a conv or linear layer in
@@ -243,6 +284,9 @@ def select_targets(model: nn.Module,
             e.g. mmdet's ``frozen_stages=1``): ``'skip'`` (default; logged in ``skipped``:
             projecting it would truncate it once and it could never re-learn) or
             ``'project'``.
+        predictors: what to do with a head's final predictor (:data:`PREDICTOR_PATTERN`,
+            e.g. ``fc_cls``, ``rpn_reg``, ``conv_seg``): ``'skip'`` (default; logged in
+            ``skipped``) or ``'project'``.
 
     Returns:
         :class:`TargetSelection`.
@@ -251,13 +295,16 @@ def select_targets(model: nn.Module,
         raise ValueError(f'unpaired must be one of {UNPAIRED_POLICIES}, got {unpaired!r}')
     if frozen not in FROZEN_POLICIES:
         raise ValueError(f'frozen must be one of {FROZEN_POLICIES}, got {frozen!r}')
+    if predictors not in PREDICTOR_POLICIES:
+        raise ValueError(f'predictors must be one of {PREDICTOR_POLICIES}, got {predictors!r}')
     include = _as_patterns(include, 'include')
     exclude = _as_patterns(exclude, 'exclude')
-    scope_module = get_scope_module(model, scope)
-    prefix = f'{scope}.' if scope else ''
-    candidates = [(prefix + name if name else scope or '', module)
-                  for name, module in scope_module.named_modules()
-                  if is_conv_like(module) or is_linear_like(module)]
+    candidates = []
+    for component in scope_components(model, scope):
+        prefix = f'{component}.' if component else ''
+        candidates += [(prefix + name if name else component, module)
+                       for name, module in get_scope_module(model, component).named_modules()
+                       if is_conv_like(module) or is_linear_like(module)]
     if not candidates:
         raise ValueError(f'no conv or linear layer found in scope {scope!r}')
     names = [name for name, _ in candidates]
@@ -275,6 +322,9 @@ def select_targets(model: nn.Module,
             continue
         if any(re.search(p, name) for p in exclude):
             skipped[name] = 'excluded by pattern'
+            continue
+        if predictors == 'skip' and is_predictor(name):
+            skipped[name] = PREDICTOR_REASON
             continue
         reason = unsupported_reason(conv)
         if reason is not None:

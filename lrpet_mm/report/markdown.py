@@ -21,13 +21,26 @@ def _fmt(value: Optional[float], spec: str, suffix: str = '') -> str:
     return '' if value is None else f'{value:{spec}}{suffix}'
 
 
+def _part(complexity: dict, part: str) -> dict:
+    """FLOPs / params of ``part`` (a component or ``'model'``) of one measured model; the
+    backbone's own count when the whole forward could not be traced."""
+    if part == 'model':
+        return complexity['model']
+    entry = complexity.get('components', {}).get(part)
+    if part == 'backbone' and (entry is None or entry['flops'] is None):
+        return complexity['backbone']
+    return entry
+
+
 def build_rows(complexity: dict, metric: Optional[dict]) -> List[dict]:
-    """The table rows: backbone / whole model × original / compact."""
+    """The table rows: each component (backbone, neck, heads) and the whole model ×
+    original / compact."""
+    parts = list(complexity['original'].get('components') or ['backbone']) + ['model']
     rows = []
-    for part in ('backbone', 'model'):
+    for part in parts:
         for which in ('original', 'compact'):
-            entry = complexity[which][part]
-            base = complexity['original'][part]
+            entry = _part(complexity[which], part)
+            base = _part(complexity['original'], part)
             row = dict(part=part, model=which, flops=entry['flops'], params=entry['params'],
                        flops_reduction_pct=None, params_reduction_pct=None, metric=None,
                        delta_metric=None, flops_error=entry.get('flops_error'))
@@ -49,7 +62,7 @@ def markdown_table(report: dict) -> str:
     lines = [f'| part | model | FLOPs | params | FLOPs reduction | params reduction | {name} '
              f'| Δ {name} |', '|---|---|---:|---:|---:|---:|---:|---:|']
     for row in report['rows']:
-        part = 'backbone' if row['part'] == 'backbone' else 'whole model'
+        part = 'whole model' if row['part'] == 'model' else row['part']
         model = 'original (projected)' if row['model'] == 'original' else 'compact'
         flops = (format_count(row['flops']) if row['flops'] is not None
                  else f'n/a ({row["flops_error"] or "not counted"})'.replace('|', '\\|'))
@@ -76,7 +89,7 @@ def markdown_report(report: dict) -> str:
              markdown_table(report)]
     if report['task'] == 'detection':
         text = ('Whole-model FLOPs are the tensor forward (`model._forward`: backbone, neck, '
-                'heads, no post-processing).')
+                'heads, no post-processing); a component\'s FLOPs are its share of it.')
         if report.get('rpn_proposals') is not None:
             text += (f' The RPN\'s NMS is off while counting, so the RoI head runs on the top '
                      f'`max_per_img={report["rpn_proposals"]}` proposals (or all candidates if '

@@ -19,12 +19,13 @@ from mmengine.config import Config
 from torch import nn
 
 from ..engine.checkpoint_meta import rank_plan_from_checkpoint
+from ..engine.flops import rpn_proposals
 from ..engine.input_shape import resolve_input_shape
 from ..lowrank import LowRankConv2d, LowRankLinear, bn_folded_matrix, find_conv_norm_pairs
 from ..lowrank.batchnorm import has_running_stats, is_batch_norm
 from ..utils.atomic import atomic_path, check_writable_dir
 from ..utils.values import finite_or_none
-from .complexity import FLOPS_CONVENTION, measure_complexity, rpn_proposals
+from .complexity import FLOPS_CONVENTION, measure_complexity
 from .evaluation import evaluate_checkpoint, primary_metric
 from .markdown import build_rows, markdown_report
 
@@ -233,8 +234,8 @@ def _generate_report(config, checkpoint, out_dir, lowrank_config, lowrank_checkp
         report_warnings = _source_warnings(lckpt, original, compact, checkpoint,
                                            lowrank_checkpoint, layers)
 
-        complexity = dict(original=measure_complexity(original, scope, shape),
-                          compact=measure_complexity(compact, scope, shape))
+        complexity = dict(original=measure_complexity(original, shape),
+                          compact=measure_complexity(compact, shape))
 
         spectra = []
         for index in spread_indices(len(layers)):

@@ -27,6 +27,9 @@ class RowSpec:
     kind: str  # 'baseline' | 'hook' | 'lra_half' | 'lra_pretrained' | 'prune'
     description: str
     hook_kwargs: Tuple[Tuple[str, object], ...] = ()
+    #: a hook row's FLOPs budget: 'task' (the task's backbone budget), 'lrpet_model' (the
+    #: whole-model FLOPs of the backbone-only LRPET plan) or 'model_half' (-50 % whole model)
+    budget: str = 'task'
 
 
 ROWS: Tuple[RowSpec, ...] = (
@@ -39,6 +42,14 @@ ROWS: Tuple[RowSpec, ...] = (
             "LRPETHook(flops_reduction=r, bn_recovery='eq16'): the BN recovery of the paper's "
             'eq. 16 (uniform ranks, as the paper), T iterations, then factorized',
             (('bn_recovery', 'eq16'),)),
+    RowSpec('lrpet_model_eq', 'LRPET whole model, same FLOPs', 'hook',
+            "LRPETHook(flops_reduction=r', scope=''): backbone, neck and heads projected "
+            '(predictors and the auxiliary head left alone) with r\' chosen so the whole '
+            "model's test-time FLOPs equal those of the LRPET (defaults) row's compact model, "
+            'T iterations, then factorized', (('scope', ''),), budget='lrpet_model'),
+    RowSpec('lrpet_model_half', 'LRPET whole model, −50 %', 'hook',
+            "LRPETHook(flops_reduction=0.5, scope=''): half of the whole model's test-time "
+            'FLOPs, T iterations, then factorized', (('scope', ''),), budget='model_half'),
     RowSpec('lra_half', 'LRA, equal budget', 'lra_half',
             'the baseline\'s checkpoint at T/2, every planned conv replaced by its truncated '
             'SVD (two convs, BN kept), fine-tuned T/2 continuing the schedule, BN folded'),
@@ -54,7 +65,10 @@ ROW_KEYS: Tuple[str, ...] = tuple(row.key for row in ROWS)
 ROWS_BY_KEY: Dict[str, RowSpec] = {row.key: row for row in ROWS}
 #: Execution order: the rows that start from the baseline's T/2 checkpoint right after it.
 RUN_ORDER: Tuple[str, ...] = ('baseline', 'lra_half', 'prune', 'lrpet', 'paper',
-                              'lra_pretrained')
+                              'lrpet_model_eq', 'lrpet_model_half', 'lra_pretrained')
+#: Rows whose compact model differs from the backbone-only plan outside the backbone: their
+#: deployed cost is the whole model's (benchmarks/bench_inference.py), not the backbone's.
+WHOLE_MODEL_ROWS = ('lrpet_model_eq', 'lrpet_model_half')
 #: Rows that share the first T/2 iterations of the baseline.
 HALF_ROWS = ('lra_half', 'prune')
 

@@ -24,6 +24,7 @@ from benchlib.quality.configs import (
     ROW_KEYS,
     ROWS_BY_KEY,
     RUN_ORDER,
+    WHOLE_MODEL_ROWS,
     BenchSettings,
     PathLike,
     RowSpec,
@@ -180,7 +181,20 @@ class TaskContext:
     baseline_half: Optional[Path] = None  # the baseline's checkpoint at T/2 (this seed)
     baseline_train_s: Optional[float] = None
     lrpet_flops: Optional[int] = None
+    model_flops: Optional[int] = None  # the uncompressed model's test-time FLOPs
+    lrpet_model_flops: Optional[int] = None  # ... of the backbone-only LRPET plan's compact model
     deployed: Dict[str, object] = field(default_factory=dict)  # seed 0 backbones
+
+
+def hook_budget(row: RowSpec, task: TaskSettings, ctx: TaskContext) -> float:
+    """The ``flops_reduction`` of a hook row (see :attr:`RowSpec.budget`)."""
+    if row.budget == 'task':
+        return task.flops_reduction
+    if row.budget == 'model_half':
+        return 0.5
+    if row.budget == 'lrpet_model':  # the backbone-only plan's whole-model reduction
+        return 1.0 - ctx.lrpet_model_flops / ctx.model_flops
+    raise ValueError(f'unknown budget {row.budget!r} of row {row.key!r}')
 
 
 class QualityBenchmark:
@@ -359,9 +373,10 @@ class QualityBenchmark:
                  task_dir: Path) -> TaskContext:
         """The uniform rank plan of ``task`` (the LRPET default's ranks, used by LRA)."""
         from benchlib.decompose import components_of
+        from lrpet_mm.engine.flops import whole_model_flops
         from lrpet_mm.engine.input_shape import infer_input_shape
-        from lrpet_mm.engine.planning import plan_ranks_for_flops
-        from lrpet_mm.lowrank import get_scope_module, select_targets
+        from lrpet_mm.engine.planning import factorized_copy, plan_ranks_for_flops
+        from lrpet_mm.lowrank import select_targets
         from lrpet_mm.models import planned_layers
         from lrpet_mm.models.factorize_checkpoint import build_model_from_config
 
@@ -370,12 +385,17 @@ class QualityBenchmark:
             model = build_model_from_config(cfg)
             shape = infer_input_shape(cfg)
             selection = select_targets(model, 'backbone', None, None, True, 'skip')
-            result = plan_ranks_for_flops(get_scope_module(model, 'backbone'), 'backbone',
-                                          selection, task.flops_reduction, shape)
+            result = plan_ranks_for_flops(model, 'backbone', selection, task.flops_reduction,
+                                          shape)
         plan = result.plan
         norms = {layer.name: layer.folded_norm for layer in planned_layers(model, plan)
                  if layer.folded_norm}
+        with _quiet():  # the whole-model cost of the backbone-only plan (for lrpet_model_eq)
+            model_flops = whole_model_flops(model, shape)
+            lrpet_model_flops = whole_model_flops(factorized_copy(model, plan, norms), shape)
         info = result.to_dict()
+        info.update(model_flops_before=model_flops, model_flops_after=lrpet_model_flops,
+                    model_reduction=1 - lrpet_model_flops / model_flops)
         info.update(num_layers=len(plan), num_skipped=len(plan.skipped),
                     ranks={name: layer.rank for name, layer in plan.layers.items()},
                     skipped=dict(plan.skipped))
@@ -385,7 +405,8 @@ class QualityBenchmark:
                  f'at input {tuple(shape)} (target {100 * task.flops_reduction:.0f} %)')
         return TaskContext(task, plan, info, norms,
                            components_of({n: layer.rank for n, layer in plan.layers.items()},
-                                         norms), tuple(shape))
+                                         norms), tuple(shape), model_flops=model_flops,
+                           lrpet_model_flops=lrpet_model_flops)
 
     def _initial_checkpoint(self, cfg, seed: int, path: Path) -> Path:
         """Pretrained backbone + heads initialised under ``torch.manual_seed(seed)``: the
@@ -462,7 +483,7 @@ class QualityBenchmark:
             deployed = None
         elif row.kind == 'hook':
             cfg.load_from = str(init)
-            cfg.custom_hooks = [dict(type='LRPETHook', flops_reduction=task.flops_reduction,
+            cfg.custom_hooks = [dict(type='LRPETHook', flops_reduction=hook_budget(row, task, ctx),
                                      interval=task.projection_interval, by_epoch=False,
                                      **dict(row.hook_kwargs))]
             ckpt, info = train(cfg)
@@ -493,7 +514,7 @@ class QualityBenchmark:
         entry.update(self._complexity(model, ctx))
         if row.key == 'lrpet':
             ctx.lrpet_flops = entry['backbone_flops']
-        if seed == self.settings.seeds[0]:
+        if seed == self.settings.seeds[0] and row.key not in WHOLE_MODEL_ROWS:
             ctx.deployed[row.key] = deployed or cpu_eval_copy(model.backbone)
         entry['eval_s'] = time.time() - t1
         return entry
@@ -541,11 +562,12 @@ class QualityBenchmark:
 
     @staticmethod
     def _complexity(model, ctx: TaskContext) -> dict:
-        from lrpet_mm.engine.flops import count_flops, count_params
+        from lrpet_mm.engine.flops import count_flops, count_params, whole_model_flops
 
         with _quiet():
             return dict(backbone_flops=count_flops(model.backbone, ctx.input_shape),
                         backbone_params=count_params(model.backbone),
+                        model_flops=whole_model_flops(model, ctx.input_shape),
                         model_params=count_params(model))
 
     def _factorize_hook_run(self, cfg, ckpt: Path, row_dir: Path, entry: dict):
@@ -611,7 +633,7 @@ class QualityBenchmark:
         T/2 and tested in the same Runner (the pruned network has no config of its own)."""
         from benchlib.channel_pruning import prune_resnet_blocks
         from lrpet_mm.engine.checkpoint_meta import load_checkpoint_file
-        from lrpet_mm.engine.flops import count_flops, count_params
+        from lrpet_mm.engine.flops import count_flops, count_params, whole_model_flops
         from lrpet_mm.models.factorize_checkpoint import load_state_dict_strict
 
         source = self._baseline_half(ctx)
@@ -641,6 +663,7 @@ class QualityBenchmark:
             with _quiet():
                 entry.update(backbone_flops=count_flops(model.backbone, ctx.input_shape),
                              backbone_params=count_params(model.backbone),
+                             model_flops=whole_model_flops(model, ctx.input_shape),
                              model_params=count_params(model))
             if seed == self.settings.seeds[0]:
                 ctx.deployed['prune'] = cpu_eval_copy(model.backbone)

@@ -84,7 +84,7 @@ def summarize_row(row: dict) -> dict:
     train_mean, _ = mean_std([entry.get('train_s') for entry in good])
     summary = dict(n=len(good), metric_mean=mean, metric_std=std, train_s_mean=train_mean,
                    errors=sum(1 for entry in seeds.values() if entry.get('error')))
-    for key in ('backbone_flops', 'backbone_params', 'model_params'):
+    for key in ('backbone_flops', 'backbone_params', 'model_flops', 'model_params'):
         values = {entry.get(key) for entry in good}
         summary[key] = values.pop() if len(values) == 1 else None
     return summary

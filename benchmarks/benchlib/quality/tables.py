@@ -38,8 +38,9 @@ def markdown_task_table(task: dict) -> str:
     base = (rows.get('baseline') or {}).get('summary') or {}
     latency = task.get('latency') or {}
     lines = [f'| method | {label} (%), mean ± std | per seed | training (s) | backbone FLOPs '
-             '| vs baseline | backbone params | deployed backbone, ORT (ms) |',
-             '|---|---:|---|---:|---:|---:|---:|---:|']
+             '| vs baseline | whole-model FLOPs | vs baseline | backbone params '
+             '| deployed backbone, ORT (ms) |',
+             '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
     for key in ROW_KEYS:
         if key not in rows:
             continue
@@ -53,6 +54,7 @@ def markdown_task_table(task: dict) -> str:
         if summary.get('errors'):
             metric += f' ({summary["errors"]} failed)'
         change = _percent_change(summary.get('backbone_flops'), base.get('backbone_flops'))
+        model_change = _percent_change(summary.get('model_flops'), base.get('model_flops'))
         lat = (latency.get('rows') or {}).get(key)
         lat_text = 'n/a' if lat is None else f'{lat:.2f}'
         base_lat = (latency.get('rows') or {}).get('baseline')
@@ -63,6 +65,8 @@ def markdown_task_table(task: dict) -> str:
             f'| {_fmt(summary.get("train_s_mean"), ".0f")} '
             f'| {format_count(summary.get("backbone_flops"))} '
             f'| {"" if change is None or key == "baseline" else f"{change:+.1f} %"} '
+            f'| {format_count(summary.get("model_flops"))} '
+            f'| {"" if model_change is None or key == "baseline" else f"{model_change:+.1f} %"} '
             f'| {format_count(summary.get("backbone_params"))} | {lat_text} |')
     return '\n'.join(lines) + '\n'
 
@@ -123,9 +127,12 @@ def markdown_results(results: dict) -> str:
         f'- seeds: {", ".join(str(s) for s in settings["seeds"])}, paired (same initial '
         'weights, data order and test set for every row of a seed)',
         '- every compressed row is evaluated as its deployed model (factorized with BNs folded,'
-        ' or pruned); FLOPs = multiply-adds (`mmengine.analysis`) of the backbone at the '
-        'planning input size; latency: each row\'s deployed backbone (seed 0) in ONNX Runtime, '
-        f'batch 1, median of {settings["latency_repeats"]} interleaved runs', '']
+        ' or pruned); FLOPs = multiply-adds (`mmengine.analysis`) at the planning input size, '
+        'of the backbone and of the whole model\'s test-time tensor forward (as '
+        '`tools/report.py` counts it); latency: each backbone-only row\'s deployed backbone '
+        f'(seed 0) in ONNX Runtime, batch 1, median of {settings["latency_repeats"]} '
+        'interleaved runs (the whole-model rows change more than the backbone: their deployed '
+        'whole models are timed by `benchmarks/bench_inference.py`)', '']
     for key, task in results['tasks'].items():
         tset = settings['tasks'][key]
         plan = task.get('rank_plan') or {}
@@ -139,6 +146,13 @@ def markdown_results(results: dict) -> str:
                 f'{plan["rank_ratio"]:.4f} over {plan["num_layers"]} backbone convs, '
                 f'backbone FLOPs at {c}×{h}×{w}: {format_count(plan["flops_before"])} → '
                 f'{format_count(plan["flops_after"])} ({100 * plan["reduction"]:.2f} % fewer)')
+            if plan.get('model_flops_before') is not None:
+                lines.append(
+                    f'- whole-model test-time FLOPs of that plan: '
+                    f'{format_count(plan["model_flops_before"])} → '
+                    f'{format_count(plan["model_flops_after"])} '
+                    f'({100 * plan["model_reduction"]:.2f} % fewer): the budget of the '
+                    '"whole model, same FLOPs" row')
         if task.get('prune_ratio') is not None:
             lines.append(f'- channel pruning: {100 * task["prune_ratio"]:.1f} % of the inner '
                          'channels of every residual block removed')
