@@ -55,7 +55,7 @@ COMPAT_TESTS ?= tests/test_lowrank_math.py tests/test_projection.py tests/test_f
 	tests/test_bn_recovery.py tests/test_target_pairing.py tests/test_core_is_pure_torch.py \
 	tests/test_hook_schedule.py tests/test_lrpet_hook.py tests/test_resume.py \
 	tests/test_factorize_tool.py tests/test_environment.py tests/test_gpu_check.py \
-	tests/test_cuda.py
+	tests/test_cuda.py tests/test_whole_model_planning.py
 
 $(COMPAT_STAMP): requirements-compat.txt
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)

@@ -69,7 +69,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "not page-fault its activations in on every forward; 'default': "
                              'glibc as it is')
     parser.add_argument('--out', default=None,
-                        help='output stem (default benchmarks/results/inference, or '
+                        help='output stem (default benchmarks/results/inference, '
+                             'benchmarks/results/inference_deployed with --deployed-only, or '
                              'work_dirs/bench_inference/quick/inference with --quick)')
     return parser.parse_args(argv)
 
@@ -104,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = Path(args.out)
     elif args.quick:
         out = REPO / 'work_dirs' / 'bench_inference' / 'quick' / 'inference'
+    elif args.deployed_only:  # not the full run's file
+        out = REPO / 'benchmarks' / 'results' / 'inference_deployed'
     else:
         out = REPO / 'benchmarks' / 'results' / 'inference'
     command = ' '.join(['python', 'benchmarks/bench_inference.py'] +

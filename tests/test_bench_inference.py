@@ -111,5 +111,12 @@ def test_quick_run_times_backbone_eager_and_the_deployed_whole_detector(tmp_path
     assert sizes['ResNet-18 backbone']['factorized_bytes'] < 0.6 * sizes[
         'ResNet-18 backbone']['original_bytes']
     assert [m['runtime'] for m in result['merges']] == ['torch'] + ['onnxruntime'] * 3
+    # where the deployed models spend their time: the convs shrink, RoIAlign does not
+    profiles = {(p['model'], p['variant']): p['ops_ms'] for p in result['profiles']}
+    assert len(profiles) == 6
+    original = profiles[whole_model, 'original']
+    factorized = profiles[whole_model, 'factorized']
+    assert original['Conv'] > 0 and 'RoiAlign' in original and 'RoiAlign' in factorized
     table = out.with_suffix('.md').read_text()
+    assert '| convs + FCs ms | other ops ms |' in table
     assert '| Faster R-CNN R18 whole (mmdeploy end2end) | 3x128x160 | onnxruntime |' in table

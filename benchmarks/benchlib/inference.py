@@ -230,6 +230,7 @@ class _Bench:
         self.rows: List[dict] = []
         self.merges: List[dict] = []
         self.onnx_sizes: List[dict] = []
+        self.profiles: List[dict] = []  # per op type, deployed whole models
         self.flops_cache: Dict[tuple, int] = {}
         self.tmp = Path(tempfile.mkdtemp(prefix='bench_inference_'))
 
@@ -347,6 +348,10 @@ class _Bench:
             session = ort_session(onnx_file, self.s.threads,
                                   custom_ops_library=mmdeploy_ops_library())
             fns.append(ort_runner(session, x))
+            self.profiles.append(dict(model=fam.whole_label + ' (mmdeploy end2end)',
+                                      variant=variant, input=shape_text(shape),
+                                      ops_ms=op_type_ms(onnx_file, x, self.s.threads,
+                                                        work / 'profile')))
         self.onnx_sizes.append(dict(model=fam.whole_label + ' (mmdeploy end2end)',
                                     part=fam.whole_part, input=shape_text(shape),
                                     **{f'{v}_bytes': n for v, n in sizes.items()}))
@@ -396,6 +401,62 @@ class _Bench:
         if self.s.onnx and self.s.deploy:
             self.log(f'{fam.title}: mmdeploy end-to-end ONNX at the test size')
             self.measure_deployed(fam, folded)
+
+
+def op_type_ms(onnx_file: Path, x: np.ndarray, threads: int, prefix: Path,
+               runs: int = 3) -> Dict[str, float]:
+    """Mean ms per run spent in each ONNX op type (ONNX Runtime's profiler; the session's
+    first run, which allocates its memory, is left out), largest first: which part of a
+    deployed model shrinks with the ranks (``Conv``, ``MatMul``/``Gemm``) and which does not
+    (``RoiAlign``, NMS, indexing)."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(os.fspath(mmdeploy_ops_library()))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.fspath(prefix)
+    session = ort.InferenceSession(os.fspath(onnx_file), options,
+                                   providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: x}
+    for _ in range(runs + 1):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    windows = sorted((e['ts'], e['ts'] + e['dur']) for e in events
+                     if e.get('name') == 'model_run')[1:]  # without the first run
+    totals: Dict[str, float] = {}
+    for event in events:
+        if (event.get('cat') == 'Node' and event.get('name', '').endswith('_kernel_time')
+                and any(start <= event['ts'] <= end for start, end in windows)):
+            op = event.get('args', {}).get('op_name', '?')
+            totals[op] = totals.get(op, 0.0) + event['dur'] / 1000.0 / len(windows)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+#: op types whose cost the factorization changes (convs, FCs and their low-rank pairs)
+FACTORIZED_OPS = ('Conv', 'FusedConv', 'MatMul', 'Gemm', 'FusedGemm', 'FusedMatMul')
+
+
+def profile_table(profiles: List[dict]) -> str:
+    """Markdown: per deployed model and variant, the time in factorizable ops (convs, FCs)
+    and in the rest, with the three largest other op types."""
+    if not profiles:
+        return ''
+    lines = ['| model | variant | convs + FCs ms | other ops ms | largest other op types (ms) |',
+             '|---|---|---:|---:|---|']
+    for p in profiles:
+        ops = p['ops_ms']
+        factorized = sum(ms for op, ms in ops.items() if op in FACTORIZED_OPS)
+        others = {op: ms for op, ms in ops.items() if op not in FACTORIZED_OPS}
+        top = ', '.join(f'{op} {ms:.1f}' for op, ms in list(others.items())[:3])
+        lines.append(f'| {p["model"]} | {p["variant"]} | {factorized:.1f} '
+                     f'| {sum(others.values()):.1f} | {top} |')
+    return '\n'.join(lines) + '\n'
 
 
 def _in_layout(models: Dict[str, nn.Module], layout: str) -> Dict[str, nn.Module]:
@@ -459,6 +520,10 @@ def markdown(result: dict) -> str:
              'the number of RoIs follows the weights), at the config\'s padded test size, '
              'FLOPs counted on the eager tensor forward at that size. Allocator: '
              f'{m.get("allocator", "default")}.\n')
+    if result.get('profiles'):
+        text += ('\nWhere the deployed models spend their time (ONNX Runtime profiler, mean of '
+                 '3 runs after a first one, same threads; kernel time by op type):\n\n'
+                 + profile_table(result['profiles']))
     return text
 
 
@@ -519,7 +584,8 @@ def run_benchmark(settings: Settings, out_stem: Path, log: Callable[[str], None]
         wall_seconds=round(time.perf_counter() - start, 1),
         p3=dict(rows=len(backbone), passed=sum(bool(r['p3']) for r in backbone),
                 all_pass=bool(backbone) and all(r['p3'] for r in backbone)),
-        rows=bench.rows, onnx_sizes=bench.onnx_sizes, merges=bench.merges)
+        rows=bench.rows, onnx_sizes=bench.onnx_sizes, merges=bench.merges,
+        profiles=bench.profiles)
     out_stem = Path(out_stem)
     json_path = write_results(out_stem.parent / f'{out_stem.name}.json', result,
                               f'# Inference latency\n\n{markdown(result)}')

@@ -61,7 +61,7 @@ def budget_scope(scope: Union[str, Sequence[str]]) -> str:
 
 
 def budgeted_flops(model: nn.Module, scope: Union[str, Sequence[str]],
-                    input_shape: Sequence[int]) -> Tuple[Dict[str, int], Callable[[str], str]]:
+                   input_shape: Sequence[int]) -> Tuple[Dict[str, int], Callable[[str], str]]:
     """``(by_module, key)``: the FLOPs of what a budget for ``scope`` counts, per submodule
     (``by_module['']`` is the total), and the key of a model layer name in it (see
     :func:`~lrpet_mm.engine.flops.budget_forward`)."""

@@ -107,8 +107,9 @@ class LRPETSettings:
             BatchNorm), 'skip' for a component scope.
         predictors (str): a head's final predictor (``fc_cls``/``fc_reg``,
             ``rpn_cls``/``rpn_reg``, ``conv_seg``..., see
-            :data:`~lrpet_mm.lowrank.targets.PREDICTOR_PATTERN`): 'skip' (logged: a
-            rank-limited classifier caps class separability for little FLOPs) or 'project'.
+            :data:`~lrpet_mm.lowrank.targets.PREDICTOR_PATTERN`): 'skip' (logged: projecting
+            it would confine its outputs to a rank-k subspace, for a small share of the
+            FLOPs) or 'project'.
             Defaults to 'skip'.
         bn_recovery (str): how BN rectification recovers the conv weight from the projected
             BN-folded weight ΓW: 'in_span' (W ← α·W·V_kV_kᵀ with V_k the kept right singular

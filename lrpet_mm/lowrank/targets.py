@@ -47,13 +47,13 @@ PREDICTOR_POLICIES = ('skip', 'project')
 #: A head's final predictor, by the name OpenMMLab heads give it: mmdet ``rpn_cls`` /
 #: ``rpn_reg``, ``fc_cls`` / ``fc_reg``, ``conv_cls`` / ``conv_reg`` / ``conv_centerness``,
 #: ``retina_cls`` / ``retina_reg``, ``conv_logits`` (mask heads), YOLOX
-#: ``multi_level_conv_cls.0`` / ``..._obj.0``; mmseg ``conv_seg``. A rank-limited classifier
-#: caps how many classes it can separate, for little FLOPs, so predictors are left alone by
-#: default.
+#: ``multi_level_conv_cls.0`` / ``..._obj.0``; mmseg ``conv_seg``. Projecting a predictor
+#: confines its class scores (or box deltas) to a rank-k subspace, for a small share of the
+#: FLOPs, so predictors are left alone by default.
 PREDICTOR_PATTERN = r'(^|[._])(cls|reg|seg|logits|centerness|obj|objectness)(\.\d+)?$'
-PREDICTOR_REASON = ("final predictor (class / box / segmentation output): a rank-limited "
-                    "predictor caps how many classes it separates, for little FLOPs; "
-                    "predictors='project' projects it")
+PREDICTOR_REASON = ("final predictor (class / box / segmentation output): projecting it "
+                    "would confine its outputs to a rank-k subspace, for a small share of the "
+                    "FLOPs; predictors='project' projects it")
 
 
 def _qualname(module: nn.Module) -> str:
