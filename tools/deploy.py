@@ -60,10 +60,11 @@ def has_low_rank_layers(config, cfg_options) -> bool:
     return bool(low_rank_layers(build_model_from_config(load_config(config, cfg_options))))
 
 
-def refuse_unfactorized(args) -> None:
+def refuse_unfactorized(args, low_rank: bool) -> None:
     """A training checkpoint of LRPETHook is low-rank but still full size: deploying it would
-    export the full-size model. Tell the user to factorize it first."""
-    if has_low_rank_layers(args.config, args.cfg_options):
+    export the full-size model. Tell the user to factorize it first (``low_rank``: whether
+    the config builds low-rank layers)."""
+    if low_rank:
         return
     meta = load_checkpoint_file(args.checkpoint).get('meta') or {}
     if (meta.get(META_KEY) or {}).get('plan'):
@@ -74,16 +75,17 @@ def refuse_unfactorized(args) -> None:
             'deploy DIR/<name>_lowrank.py and DIR/<name>_lowrank.pth')
 
 
-def merge_first(args) -> tuple:
+def merge_first(args, low_rank: bool) -> tuple:
     """The (config, checkpoint) to export: the latency-aware merged pair written into the work
-    directory, or the given pair where the merge does not apply (printing why)."""
+    directory, or the given pair where the merge does not apply (printing why;
+    ``low_rank``: whether the config builds low-rank layers)."""
     if args.no_latency_aware:
         return args.config, args.checkpoint
     if args.backend != 'onnxruntime':
         print('latency-aware merge skipped: it is timed in ONNX Runtime on this CPU, not in '
               f'{args.backend}')
         return args.config, args.checkpoint
-    if not has_low_rank_layers(args.config, args.cfg_options):
+    if not low_rank:
         print('latency-aware merge skipped: the model has no low-rank layer')
         return args.config, args.checkpoint
     merged = latency_merge_checkpoint(
@@ -103,8 +105,9 @@ def main(argv=None) -> int:
         if args.test and args.backend != 'onnxruntime':
             raise ValueError('--test runs the deployed model in ONNX Runtime: use '
                              '--backend onnxruntime')
-        refuse_unfactorized(args)
-        config, checkpoint = merge_first(args)
+        low_rank = has_low_rank_layers(args.config, args.cfg_options)
+        refuse_unfactorized(args, low_rank)
+        config, checkpoint = merge_first(args, low_rank)
         paths = deploy_model(config, checkpoint, args.work_dir, args.backend,
                              args.cfg_options, args.input_shape)
         print(f'onnx:          {paths["onnx"]}')
