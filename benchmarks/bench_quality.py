@@ -11,7 +11,12 @@ latency of each deployed backbone, settings, machine). One task per run:
     python benchmarks/bench_quality.py --tasks det      # full: 5 seeds (≤ 60 min, 2 cores)
     python benchmarks/bench_quality.py --tasks seg
     python benchmarks/bench_quality.py --quick          # smoke test, tiny budgets
+    python benchmarks/bench_quality.py --pilot --tasks det   # baseline-only pilot: T and n
     python benchmarks/bench_quality.py --tasks det --data-root /data/VOCdevkit
+
+``--pilot`` trains only the baseline, for each candidate T and 4 seeds of its own, and fixes
+the protocol's T and number of seeds by a rule written before it runs
+(``benchlib.quality.pilot``; ``pilot_<task>.{json,md}``).
 
 The logic is in ``benchlib.quality`` (rows and configs, statistics, tables, the run). Exit
 status 1 if any row failed (the other rows' results are kept), 2 on bad arguments.
@@ -56,6 +61,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         '<work-dir>/quick/results with --quick)')
     parser.add_argument('--work-dir', default=None,
                         help='data, training runs and logs (default: work_dirs/bench_quality)')
+    parser.add_argument('--pilot', action='store_true',
+                        help='baseline-only pilot: every candidate T (det and seg: 160, 320, '
+                        '640) with seeds 1000.. (default 4, --seeds N) on 400 test images, '
+                        'then the rule of benchlib.quality.pilot picks T and n (default out: '
+                        'benchmarks/results/pilot)')
     parser.add_argument('--keep-checkpoints', action='store_true',
                         help='keep the training and compact checkpoints (deleted by default)')
     return parser.parse_args(argv)
@@ -79,12 +89,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         out_dir = work_dir / 'quick' / 'results'
     else:
         out_dir = REPO_ROOT / 'benchmarks' / 'results'
+    if args.pilot and not args.out_dir:
+        out_dir = out_dir.parent / 'pilot' if args.quick else out_dir / 'pilot'
+    args.out_dir = out_dir
     command = ' '.join(['python', 'benchmarks/bench_quality.py'] +
                        [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
-    code, _ = run_benchmark(settings, work_dir, out_dir, rows=args.rows,
+    if args.pilot:
+        return pilot(args, settings, work_dir, command)
+    code, _ = run_benchmark(settings, work_dir, args.out_dir, rows=args.rows,
                             data_root=args.data_root, cache_dir=args.cache_dir,
                             keep_checkpoints=args.keep_checkpoints,
                             log=lambda m: print(m, flush=True), command=command)
+    return code
+
+
+def pilot(args: argparse.Namespace, settings, work_dir: Path, command: str) -> int:
+    """The baseline-only pilot of ``settings.tasks`` (``--pilot``)."""
+    from benchlib.quality import pilot as p
+
+    if args.data_root:
+        print('error: --pilot runs on the built-in data only', file=sys.stderr)
+        return 2
+    seeds = None
+    if args.seeds is not None:
+        seeds = range(p.PILOT_SEEDS[0], p.PILOT_SEEDS[0] + args.seeds)
+    if args.quick:
+        rules = {t.key: p.QUICK_RULE for t in settings.tasks}
+    else:
+        rules = {'det': p.DET_RULE, 'seg': p.SEG_RULE}
+    code, _ = p.run_pilot(p.pilot_settings(settings, seeds), rules, work_dir, args.out_dir,
+                          cache_dir=args.cache_dir, log=lambda m: print(m, flush=True),
+                          command=command)
     return code
 
 

@@ -183,3 +183,77 @@ def test_quick_detection_on_a_user_data_root(tmp_path: Path) -> None:
     check_results(results, settings, 'det', rows)
     assert results['data']['root'] == str(root)
     assert not (tmp_path / 'work' / 'data').exists()  # nothing generated: the user's data
+
+
+# ------------------------------------------------------------------------------ pilot
+def _summary(mean: float, sd: float, change: float, train_s: float = 60.0,
+             eval_s: float = 10.0) -> dict:
+    return dict(n=4, mean=mean, sd=sd, last_quarter_change=change, train_s=train_s,
+                eval_s=eval_s)
+
+
+def test_pilot_rule_picks_the_shortest_settled_schedule_and_the_seeds_for_power() -> None:
+    from benchlib.quality import pilot
+
+    rule = pilot.PilotRule(candidates=(160, 320, 640), target=3.0, budget_min=600.0)
+    summaries = {160: _summary(25.0, 5.0, 3.0),   # still climbing over its last quarter
+                 320: _summary(30.0, 2.1, 0.6),   # plateau, spread within 1.25 x 1.8
+                 640: _summary(31.0, 1.8, 0.2)}
+    d = pilot.choose_protocol(rule, summaries)
+    assert d['iters'] == 320 and d['converged']
+    assert d['sd_diff'] == pytest.approx(math.sqrt(2) * 2.1)
+    n = d['n_power']
+    assert pilot.detectable(d['sd_diff'], n) <= 3.0 < pilot.detectable(d['sd_diff'], n - 1)
+    assert d['seeds'] == n and d['meets_target'] and d['detectable'] <= 3.0
+    assert d['seed_cost_s'] == pytest.approx(pilot.ROW_TRAININGS * 60 + pilot.ROW_EVALUATIONS
+                                             * 10)
+    # a spread that has not settled (sd 2.5 > 1.25 x 1.8) moves the choice to T = 640
+    summaries[320] = _summary(30.0, 2.5, 0.6)
+    assert pilot.choose_protocol(rule, summaries)['iters'] == 640
+    # nothing on a plateau: the longest, flagged; a budget of 30 min caps the seeds
+    flat = {t: _summary(20.0, 4.0, 2.0) for t in (160, 320, 640)}
+    tight = pilot.PilotRule(candidates=(160, 320, 640), target=3.0, budget_min=30.0)
+    d = pilot.choose_protocol(tight, flat)
+    assert d['iters'] == 640 and not d['converged']
+    assert d['n_budget'] == int(30 * 60 // d['seed_cost_s'])
+    assert d['seeds'] == max(3, d['n_budget']) < d['n_power'] and not d['meets_target']
+    assert d['detectable'] == pytest.approx(pilot.detectable(d['sd_diff'], d['seeds']))
+    assert d['detectable'] > 3.0
+
+
+def test_pilot_rule_refuses_bad_candidates_and_missing_seeds() -> None:
+    from benchlib.quality import pilot
+
+    for bad in ((), (160, 160), (320, 160), (162,)):
+        with pytest.raises(ValueError, match='candidates'):
+            pilot.PilotRule(candidates=bad, target=3.0)
+    rule = pilot.PilotRule(candidates=(160, 320), target=3.0)
+    with pytest.raises(ValueError, match='T = 320 has fewer than 2'):
+        pilot.choose_protocol(rule, {160: _summary(1, 1, 0), 320: dict(n=1, sd=None)})
+    runs = [dict(metric_3t4=20.0, metric_t=22.0, train_s=10.0, eval_s=4.0),
+            dict(metric_3t4=25.0, metric_t=24.0, train_s=12.0, eval_s=6.0),
+            dict(metric_3t4=None, metric_t=None, error='boom')]
+    s = pilot.summarize_candidate(runs)
+    assert s['n'] == 2 and s['mean'] == 23.0 and s['sd'] == pytest.approx(math.sqrt(2))
+    assert s['last_quarter_change'] == 1.5 and s['train_s'] == 11.0 and s['eval_s'] == 2.5
+
+
+@pytest.mark.slow
+def test_quick_pilot_writes_its_runs_and_decision(tmp_path: Path) -> None:
+    script = load_repo_script('benchmarks/bench_quality.py', 'bench_quality')
+    code = script.main(['--pilot', '--quick', '--tasks', 'seg', '--seeds', '2', '--work-dir',
+                        str(tmp_path / 'work'), '--cache-dir', str(tmp_path / 'cache')])
+    assert code == 0
+    out = tmp_path / 'work' / 'quick' / 'pilot'
+    results = json.loads((out / 'pilot_seg.json').read_text())
+    task = results['tasks']['seg']
+    assert results['settings']['seeds'] == [1000, 1001]
+    assert results['settings']['mode'] == 'pilot_quick'
+    for t in (4, 8):
+        runs = task['runs'][str(t)]
+        assert [r['seed'] for r in runs] == [1000, 1001]
+        assert all(r['error'] is None and 0 <= r['metric_t'] <= 100 for r in runs)
+    decision = task['decision']
+    assert 'error' not in decision and decision['iters'] in (4, 8) and decision['seeds'] >= 3
+    assert 'Decision: T =' in (out / 'pilot_seg.md').read_text()
+    assert not (tmp_path / 'work' / 'runs' / 'pilot_quick' / 'seg').exists()  # cleaned up

@@ -5,6 +5,7 @@ import copy
 import io
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from mmdet.structures.bbox import bbox_overlaps
@@ -80,6 +81,8 @@ def test_whole_compact_detector_is_deployed_and_reproduced_by_onnx_runtime(det_c
         'deploy_cfg.py'
     assert onnx_file.is_file() and deploy_file.is_file()
     assert Config.fromfile(str(deploy_file)).codebase_config.task == 'ObjectDetection'
+    op_types = {node.op_type for node in onnx.load(str(onnx_file)).graph.node}
+    assert 'RoiAlign' in op_types and 'ScatterND' not in op_types  # lrpet_mm's RoI extractor
 
     processor, ort_model = backend_model(config, onnx_file, deploy_file)
     torch_model, _ = load_model_and_checkpoint(load_config(config), checkpoint, config)

@@ -4,8 +4,10 @@
 ``mmdeploy.apis.torch2onnx`` exports (for Faster R-CNN: backbone, neck, RPN, RoI head and NMS;
 for a segmentor: logits and argmax) and the mmdeploy deploy config it used (``deploy_cfg.py``),
 so the pair can be reused with mmdeploy's own tools — and, with ``backend='tensorrt'``, turned
-into a TensorRT engine on a GPU machine. :func:`evaluate_deployed` runs the config's test loop on
-the deployed model (ONNX Runtime with mmdeploy's custom ops) and returns the metrics.
+into a TensorRT engine on a GPU machine. An ONNX Runtime export extracts RoI features with
+:mod:`lrpet_mm.deploy.roi_extractor` (mmdeploy's numbers without its per-level ``ScatterND``).
+:func:`evaluate_deployed` runs the config's test loop on the deployed model (ONNX Runtime with
+mmdeploy's custom ops) and returns the metrics.
 
 Workaround (named, see ``Makefile``): mmdeploy 1.3.1 declares ``protobuf<=3.20.2``, which
 conflicts with the ``onnx`` this project pins; ``make install`` installs mmdeploy with
@@ -116,6 +118,7 @@ def deploy_model(config: PathLike, checkpoint: PathLike, work_dir: PathLike,
     from mmdeploy.apis import torch2onnx
 
     from ..models.loading import load_config
+    from . import roi_extractor  # noqa: F401 (registers the ScatterND-free RoI extractor)
 
     cfg = load_config(config, cfg_options)
     if not os.path.isfile(checkpoint):
