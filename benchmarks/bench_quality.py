@@ -8,8 +8,9 @@ deployed model and writes ``quality_<task>.json`` / ``.md`` (per-seed numbers, m
 paired differences to LRPET with 95 % intervals, training time, FLOPs, params, ONNX Runtime
 latency of each deployed backbone, settings, machine). One task per run:
 
-    python benchmarks/bench_quality.py --tasks det      # full: 5 seeds (≤ 60 min, 2 cores)
+    python benchmarks/bench_quality.py --tasks det      # main run (≤ 90 min on 2 cores)
     python benchmarks/bench_quality.py --tasks seg
+    python benchmarks/bench_quality.py --tasks det --ablation   # paper-exact, LRA pretrained
     python benchmarks/bench_quality.py --quick          # smoke test, tiny budgets
     python benchmarks/bench_quality.py --pilot --tasks det   # baseline-only pilot: T and n
     python benchmarks/bench_quality.py --tasks det --data-root /data/VOCdevkit
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from benchlib.common import REPO_ROOT
-from benchlib.quality.configs import ROW_KEYS, default_settings
+from benchlib.quality.configs import ABLATION_ROWS, MAIN_ROWS, ROW_KEYS, default_settings
 from benchlib.quality.orchestration import run_benchmark
 
 
@@ -40,16 +41,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='smoke test: 8 train / 4 test images, T = 4, 2 seeds, a tiny '
                         'pretraining')
     parser.add_argument('--tasks', nargs='+', choices=('det', 'seg'), default=['det'],
-                        help='task(s) to run (default: det); one per run keeps a run ≤ 60 min')
+                        help='task(s) to run (default: det); one per run keeps a run ≤ 90 min')
     parser.add_argument('--seeds', type=int, default=None, metavar='N',
-                        help='number of paired seeds (0 .. N-1); default 5 (--quick: 2)')
+                        help='number of paired seeds (0 .. N-1); default the pilot\'s decision '
+                        '(configs.PROTOCOL: det 4, seg 6; --quick: 2)')
     parser.add_argument('--det-iters', type=int, default=None, metavar='T',
-                        help='detection training iterations T, even (default 160)')
+                        help='detection training iterations T, even (default 640, the pilot\'s)')
     parser.add_argument('--seg-iters', type=int, default=None, metavar='T',
-                        help='segmentation training iterations T, even (default 160)')
-    parser.add_argument('--rows', nargs='+', choices=ROW_KEYS, default=list(ROW_KEYS),
-                        metavar='ROW', help=f'rows to run (default: all of {", ".join(ROW_KEYS)}'
-                        '; the half rows also train the baseline, prune also LRPET)')
+                        help='segmentation training iterations T, even (default 640, the '
+                        'pilot\'s)')
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument('--rows', nargs='+', choices=ROW_KEYS, default=None, metavar='ROW',
+                      help=f'rows to run, of {", ".join(ROW_KEYS)} (default: the main run\'s '
+                      f'{", ".join(MAIN_ROWS)}; the half rows also train the baseline, prune '
+                      'also LRPET)')
+    rows.add_argument('--ablation', action='store_true',
+                      help=f'the ablation run instead: {", ".join(ABLATION_ROWS)} (results in '
+                      'quality_<task>_ablation.*)')
     parser.add_argument('--data-root', default=None, metavar='DIR',
                         help='a VOCdevkit directory to run the protocol on (default: the '
                         'built-in synthetic data, generated under --work-dir)')
@@ -66,6 +74,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         '640) with seeds 1000.. (default 4, --seeds N) on 400 test images, '
                         'then the rule of benchlib.quality.pilot picks T and n (default out: '
                         'benchmarks/results/pilot)')
+    parser.add_argument('--redecide', action='store_true',
+                        help='with --pilot: apply the rule again to the pilot_<task>.json '
+                        'already in the output directory (no training)')
     parser.add_argument('--keep-checkpoints', action='store_true',
                         help='keep the training and compact checkpoints (deleted by default)')
     return parser.parse_args(argv)
@@ -96,7 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     if args.pilot:
         return pilot(args, settings, work_dir, command)
-    code, _ = run_benchmark(settings, work_dir, args.out_dir, rows=args.rows,
+    rows = ABLATION_ROWS if args.ablation else (args.rows or MAIN_ROWS)
+    code, _ = run_benchmark(settings, work_dir, args.out_dir, rows=rows,
+                            variant='ablation' if args.ablation else None,
                             data_root=args.data_root, cache_dir=args.cache_dir,
                             keep_checkpoints=args.keep_checkpoints,
                             log=lambda m: print(m, flush=True), command=command)
@@ -117,6 +130,14 @@ def pilot(args: argparse.Namespace, settings, work_dir: Path, command: str) -> i
         rules = {t.key: p.QUICK_RULE for t in settings.tasks}
     else:
         rules = {'det': p.DET_RULE, 'seg': p.SEG_RULE}
+    if args.redecide:
+        for task in settings.tasks:
+            path = Path(args.out_dir) / f'pilot_{task.key}.json'
+            if not path.is_file():
+                print(f'error: --redecide: {path} does not exist', file=sys.stderr)
+                return 2
+            p.redecide(path, rules[task.key])
+        return 0
     code, _ = p.run_pilot(p.pilot_settings(settings, seeds), rules, work_dir, args.out_dir,
                           cache_dir=args.cache_dir, log=lambda m: print(m, flush=True),
                           command=command)

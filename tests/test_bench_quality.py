@@ -3,6 +3,7 @@ the half rows, tables, settings, and the whole protocol end to end in quick mode
 two paired seeds, the built-in data and a user's ``--data-root``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -37,11 +38,13 @@ def test_paired_comparison_pairs_by_seed_and_gives_the_t_interval() -> None:
     half = 3.182446305284263 * sd / 2  # t_{0.975, 3}
     assert c['ci95'] == pytest.approx([1.5 - half, 1.5 + half])
     assert c['detectable'] == pytest.approx((3.182446305284263 + 0.9784723123633045) * sd / 2)
-    assert stats.verdict(c) == 'no clear difference'
+    # the interval holds 0: the answer is the bound on |difference| it gives
+    assert stats.verdict(c) == f'no difference larger than {1.5 + half:.1f} points'
+    assert stats.verdict(c, 'LRPET whole model').startswith('no difference')
     assert stats.verdict(stats.paired_comparison({'0': 3.0, '1': 4.1}, {'0': 1.0, '1': 2.0})) == (
         'LRPET better')
-    assert stats.verdict(stats.paired_comparison({'0': 1.0, '1': 2.0}, {'0': 3.0, '1': 4.1})) == (
-        'LRPET worse')
+    assert stats.verdict(stats.paired_comparison({'0': 1.0, '1': 2.0}, {'0': 3.0, '1': 4.1}),
+                         'pruning') == 'pruning worse'
     one = stats.paired_comparison({'0': 1.0}, {'0': 0.0})
     assert one['ci95'] is None and stats.verdict(one) == 'n/a'
 
@@ -73,8 +76,11 @@ def test_the_half_rows_continue_the_schedule_of_the_baseline() -> None:
 
 def test_default_settings_and_bad_values() -> None:
     full = configs.default_settings(tasks=['seg'])
-    assert full.mode == 'full' and full.seeds == (0, 1, 2, 3, 4) and full.num_val == 100
+    assert full.mode == 'full' and full.seeds == tuple(range(configs.PROTOCOL['seg'][1]))
+    assert full.num_val == configs.TEST_IMAGES and full.tasks[0].iters == configs.PROTOCOL['seg'][0]
     assert [t.key for t in full.tasks] == ['seg'] and full.tasks[0].flops_reduction == 0.3
+    both = configs.default_settings(tasks=['det', 'seg'])
+    assert len(both.seeds) == max(n for _, n in configs.PROTOCOL.values())
     quick = configs.default_settings(quick=True)
     assert quick.mode == 'quick' and len(quick.seeds) == 2 and quick.tasks[0].key == 'det'
     for kwargs, match in ((dict(seeds=0), 'seeds'), (dict(det_iters=7), 'even'),
@@ -89,6 +95,30 @@ def test_bad_arguments_exit_with_status_2(capsys) -> None:
     assert 'seeds' in capsys.readouterr().err
     assert script.main(['--data-root', '/nonexistent/VOCdevkit']) == 2
     assert '/nonexistent/VOCdevkit' in capsys.readouterr().err
+
+
+def test_the_main_protocol_is_the_one_the_committed_pilot_decided() -> None:
+    """T, the seeds and the test-set size of the main run are those of the baseline-only
+    pilot's results in the repository (fixed before any compressed row ran)."""
+    from benchlib.common import REPO_ROOT
+
+    for key, (iters, seeds) in configs.PROTOCOL.items():
+        pilot = json.loads((REPO_ROOT / 'benchmarks' / 'results' / 'pilot' /
+                            f'pilot_{key}.json').read_text())
+        decision = pilot['tasks'][key]['decision']
+        assert (decision['iters'], decision['seeds']) == (iters, seeds), key
+        assert pilot['settings']['num_val'] == configs.TEST_IMAGES
+
+
+def test_main_and_ablation_runs_cover_every_row_and_write_apart() -> None:
+    from benchlib.quality.tables import result_name
+
+    assert set(configs.MAIN_ROWS) | set(configs.ABLATION_ROWS) == set(configs.ROW_KEYS)
+    assert 'baseline' in configs.ABLATION_ROWS and 'lrpet' in configs.ABLATION_ROWS
+    assert result_name(['det']) == 'quality_det'
+    assert result_name(['det'], 'ablation') == 'quality_det_ablation'
+    for ours, other in configs.COMPARISONS:
+        assert ours in configs.ROW_KEYS and other in configs.ROW_KEYS and ours != other
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -125,13 +155,29 @@ def check_results(results: dict, settings: configs.BenchSettings, task_key: str,
     # the uniform rows and both LRA rows are the same network
     same = {flops[key] for key in ('lrpet', 'paper', 'lra_half', 'lra_pretrained') if key in rows}
     assert len(same) == 1
-    assert set(task['comparisons']) == set(rows) - {'lrpet'}
+    expected = {f'{a} - {b}' for a, b in configs.COMPARISONS if a in rows and b in rows}
+    assert set(task['comparisons']) == expected
     for comparison in task['comparisons'].values():
         assert comparison['n'] == len(settings.seeds)
         assert (comparison['ci95'] is not None) == (len(settings.seeds) > 1)
-    assert set(task['latency']['rows']) == set(rows) - whole_rows  # backbones only
-    assert all(ms > 0 for ms in task['latency']['rows'].values())
-    assert 0 < task['prune_ratio'] < 1
+    # every row's deployed whole model is timed, the baseline twice (identical architecture)
+    latency = task['latency']
+    assert set(latency['rows']) == set(rows) | {'baseline_again'}, latency.get('error')
+    for timing in latency['rows'].values():
+        lo, hi = timing['range_ms']
+        assert 0 < lo <= timing['median_ms'] <= hi
+        assert len(timing['round_medians_ms']) == settings.latency_rounds
+    assert 0 <= latency['agreement']['relative_difference'] < 1
+    for key in set(rows) & {'prune', 'prune_model_eq', 'prune_model_half'}:
+        assert 0 < task['prune_ratios'][key] < 1
+    if 'prune_model_half' in rows:  # backbone and heads pruned to -50 % whole-model FLOPs
+        half = 0.5 * model_flops['baseline']
+        assert abs(model_flops['prune_model_half'] - half) <= 0.01 * half
+        channels = task['rows']['prune_model_half']['seeds']['0']['extra']['channels']
+        assert any(not name.startswith('backbone.') for name in channels)
+    if 'prune_model_eq' in rows:
+        assert abs(model_flops['prune_model_eq'] - model_flops['lrpet']) <= 0.01 * model_flops[
+            'lrpet']
     return task
 
 
@@ -143,7 +189,7 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
     out = tmp_path / 'out'
     code = script.main(['--quick', '--tasks', 'seg', '--seeds', '1', '--work-dir',
                         str(tmp_path / 'work'), '--out-dir', str(out), '--cache-dir',
-                        str(tmp_path / 'cache')])
+                        str(tmp_path / 'cache'), '--rows', *configs.ROW_KEYS])
     assert code == 0
     results = json.loads((out / 'quality_seg.json').read_text())
     settings = configs.default_settings(quick=True, tasks=['seg'], seeds=1)
@@ -155,6 +201,9 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
     for row in configs.ROWS:
         assert f'| {row.label} |' in text
     assert '95 % CI' in text and 'Quick mode' in text
+    assert results['tasks']['seg']['figure'] == 'quality_seg.png'
+    assert (out / 'quality_seg.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert '](quality_seg.png)' in text
     # a seed fixes the starting point and the data order: the baseline of seed 0 is
     # reproduced exactly by a second run of that row alone
     code = script.main(['--quick', '--tasks', 'seg', '--rows', 'baseline', '--seeds', '1',
@@ -169,9 +218,10 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_detection_on_a_user_data_root(tmp_path: Path) -> None:
     """Detection (mmdet ResNet, FPN) on a VOCdevkit given by the user; the rows whose code
-    differs by task (baseline, the hook, pruning of the mmdet backbone), to keep it short (the
-    whole-model rows run the hook with another scope: the segmentation run covers them)."""
-    rows = ('baseline', 'lrpet', 'prune')
+    differs by task (baseline, the hook, pruning of the mmdet backbone and of the RPN / RoI
+    heads, each deployed end to end), to keep it short (the whole-model LRPET rows run the hook
+    with another scope: the segmentation run covers them)."""
+    rows = ('baseline', 'lrpet', 'prune', 'prune_model_half')
     root = generate_synthetic_voc(tmp_path / 'mine' / 'VOCdevkit', num_train=6, num_val=5,
                                   img_size=(144, 112), seed=3, hard=True,
                                   classes=('person', 'car', 'dog', 'cat', 'aeroplane'))
@@ -198,7 +248,7 @@ def test_pilot_rule_picks_the_shortest_settled_schedule_and_the_seeds_for_power(
     rule = pilot.PilotRule(candidates=(160, 320, 640), target=3.0, budget_min=600.0)
     summaries = {160: _summary(25.0, 5.0, 3.0),   # still climbing over its last quarter
                  320: _summary(30.0, 2.1, 0.6),   # plateau, spread within 1.25 x 1.8
-                 640: _summary(31.0, 1.8, 0.2)}
+                 640: _summary(30.5, 1.8, 0.2)}  # doubling T gains < 1 point
     d = pilot.choose_protocol(rule, summaries)
     assert d['iters'] == 320 and d['converged']
     assert d['sd_diff'] == pytest.approx(math.sqrt(2) * 2.1)
@@ -210,6 +260,14 @@ def test_pilot_rule_picks_the_shortest_settled_schedule_and_the_seeds_for_power(
     # a spread that has not settled (sd 2.5 > 1.25 x 1.8) moves the choice to T = 640
     summaries[320] = _summary(30.0, 2.5, 0.6)
     assert pilot.choose_protocol(rule, summaries)['iters'] == 640
+    # a plateau that a longer schedule leaves behind is not convergence (the amendment);
+    # the rule as first written (gain_points=None) took it
+    low = {160: _summary(20.0, 0.5, 0.4), 320: _summary(35.0, 2.0, 3.0),
+           640: _summary(52.0, 2.0, 5.0)}
+    d = pilot.choose_protocol(rule, low)
+    assert d['iters'] == 640 and not d['converged']
+    first = pilot.choose_protocol(dataclasses.replace(rule, gain_points=None), low)
+    assert first['iters'] == 160 and first['converged']
     # nothing on a plateau: the longest, flagged; a budget of 30 min caps the seeds
     flat = {t: _summary(20.0, 4.0, 2.0) for t in (160, 320, 640)}
     tight = pilot.PilotRule(candidates=(160, 320, 640), target=3.0, budget_min=30.0)
@@ -257,3 +315,13 @@ def test_quick_pilot_writes_its_runs_and_decision(tmp_path: Path) -> None:
     assert 'error' not in decision and decision['iters'] in (4, 8) and decision['seeds'] >= 3
     assert 'Decision: T =' in (out / 'pilot_seg.md').read_text()
     assert not (tmp_path / 'work' / 'runs' / 'pilot_quick' / 'seg').exists()  # cleaned up
+    # --redecide applies the rule again to the saved runs, without training
+    (out / 'pilot_seg.md').unlink()
+    assert script.main(['--pilot', '--quick', '--tasks', 'seg', '--redecide', '--work-dir',
+                        str(tmp_path / 'work')]) == 0
+    again = json.loads((out / 'pilot_seg.json').read_text())['tasks']['seg']
+    assert again['runs'] == task['runs'] and again['decision'] == decision
+    assert 'iters' in again['decision_without_gain_check']
+    assert 'Decision: T =' in (out / 'pilot_seg.md').read_text()
+    assert script.main(['--pilot', '--quick', '--tasks', 'det', '--redecide', '--work-dir',
+                        str(tmp_path / 'work')]) == 2  # no det pilot to redecide

@@ -120,6 +120,8 @@ class TensorForward(nn.Module):
                              'segmentor (no tensor-mode _forward)')
         self.model = model
         self.data_samples = make_data_samples(task, input_shape)
+        # the wrapper's mode is the model's: counting (eval_mode) restores the model as it was
+        self.training = model.training
 
     def forward(self, inputs: torch.Tensor):
         with fixed_proposal_count(self.model):

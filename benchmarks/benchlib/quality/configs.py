@@ -60,17 +60,36 @@ ROWS: Tuple[RowSpec, ...] = (
             'the baseline\'s checkpoint at T/2, the inner channels of every residual block '
             'pruned by L2 magnitude (Torch-Pruning, one ratio, stage outputs kept) to the '
             'backbone FLOPs of the LRPET row, fine-tuned T/2 continuing the schedule'),
+    RowSpec('prune_model_eq', 'channel pruning whole model, same FLOPs', 'prune',
+            'the baseline\'s checkpoint at T/2, the residual blocks\' inner channels and the '
+            'heads\' inner channels (RPN conv, shared FCs; PSP pyramid convs and bottleneck) '
+            'pruned by L2 magnitude with one ratio to the whole-model FLOPs of the LRPET '
+            '(defaults) row, FPN width and predictor outputs kept, fine-tuned T/2',
+            budget='lrpet_model'),
+    RowSpec('prune_model_half', 'channel pruning whole model, −50 %', 'prune',
+            'as the row above, pruned to half of the whole model\'s test-time FLOPs',
+            budget='model_half'),
 )
 ROW_KEYS: Tuple[str, ...] = tuple(row.key for row in ROWS)
 ROWS_BY_KEY: Dict[str, RowSpec] = {row.key: row for row in ROWS}
+#: The rows of the main run (issue #27); the others form the ablation run (``--ablation``).
+MAIN_ROWS: Tuple[str, ...] = ('baseline', 'lrpet', 'lrpet_model_eq', 'lrpet_model_half',
+                              'prune', 'prune_model_eq', 'prune_model_half', 'lra_half')
+ABLATION_ROWS: Tuple[str, ...] = ('baseline', 'lrpet', 'paper', 'lra_pretrained')
 #: Execution order: the rows that start from the baseline's T/2 checkpoint right after it.
-RUN_ORDER: Tuple[str, ...] = ('baseline', 'lra_half', 'prune', 'lrpet', 'paper',
-                              'lrpet_model_eq', 'lrpet_model_half', 'lra_pretrained')
-#: Rows whose compact model differs from the backbone-only plan outside the backbone: their
-#: deployed cost is the whole model's (benchmarks/bench_inference.py), not the backbone's.
-WHOLE_MODEL_ROWS = ('lrpet_model_eq', 'lrpet_model_half')
+RUN_ORDER: Tuple[str, ...] = ('baseline', 'lra_half', 'prune_model_eq', 'prune_model_half',
+                              'prune', 'lrpet', 'paper', 'lrpet_model_eq', 'lrpet_model_half',
+                              'lra_pretrained')
+#: The paired comparisons reported, ``(ours, other)``: LRPET (defaults) against every other
+#: row, and each whole-model LRPET row against channel pruning at its FLOPs.
+COMPARISONS: Tuple[Tuple[str, str], ...] = tuple(
+    ('lrpet', key) for key in ROW_KEYS if key != 'lrpet') + (
+    ('lrpet_model_eq', 'prune_model_eq'), ('lrpet_model_half', 'prune_model_half'))
+#: Rows whose compact model differs from the backbone-only plan outside the backbone (their
+#: backbone FLOPs are not the backbone budget's).
+WHOLE_MODEL_ROWS = ('lrpet_model_eq', 'lrpet_model_half', 'prune_model_eq', 'prune_model_half')
 #: Rows that share the first T/2 iterations of the baseline.
-HALF_ROWS = ('lra_half', 'prune')
+HALF_ROWS = ('lra_half', 'prune', 'prune_model_eq', 'prune_model_half')
 
 
 @dataclass(frozen=True)
@@ -116,7 +135,8 @@ class BenchSettings:
     tasks: Tuple[TaskSettings, ...]
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     deterministic: bool = True
-    latency_repeats: int = 30
+    latency_repeats: int = 30  # timed runs of each deployed model per round
+    latency_rounds: int = 5
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -141,15 +161,24 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
 
 
+#: The main run's protocol per task, ``(T, seeds)``, as the baseline-only pilot of 2026-12-03
+#: decided it (``benchmarks/results/pilot/pilot_<task>.json``, rule of
+#: ``benchlib.quality.pilot``; a test checks these against those files): fixed before any
+#: compressed row of this protocol ran.
+PROTOCOL: Dict[str, Tuple[int, int]] = {'det': (640, 4), 'seg': (640, 6)}
+#: Test images of the main run and of the pilot (up from 100 before the pilot).
+TEST_IMAGES = 400
+
+
 def default_settings(quick: bool = False, seeds: Optional[int] = None,
                      tasks: Sequence[str] = ('det',), det_iters: Optional[int] = None,
                      seg_iters: Optional[int] = None) -> BenchSettings:
     """The full protocol or the ``quick`` smoke test (tiny data, budgets and pretraining).
 
-    Full mode: 200 train / 100 test images of 160×128, 5 seeds, detection T = 160 and
-    segmentation T = 160 iterations of batch 2 (sized so one task runs in ≤ 60 min on 2 CPU
-    cores). ``seeds`` (number of seeds, 0 .. N-1), ``det_iters`` / ``seg_iters`` (T, even)
-    override the defaults.
+    Full mode: 200 train / :data:`TEST_IMAGES` test images of 160×128, T and the number of
+    seeds from :data:`PROTOCOL` (several tasks in one run: the most seeds of any; a run per
+    task keeps each ≤ 90 min on 2 CPU cores). ``seeds`` (number of seeds, 0 .. N-1),
+    ``det_iters`` / ``seg_iters`` (T, even) override the defaults.
     """
     for name, value in (('seeds', seeds), ('det_iters', det_iters), ('seg_iters', seg_iters)):
         _check_positive(name, value)
@@ -157,26 +186,31 @@ def default_settings(quick: bool = False, seeds: Optional[int] = None,
         if value is not None and value % 2:
             raise ValueError(f'{name} must be even (the half rows branch off at T/2), got '
                              f'{value}')
+    if isinstance(tasks, str) or not tasks or any(t not in PROTOCOL for t in tasks):
+        raise ValueError(f'tasks must be a non-empty subset of {sorted(PROTOCOL)}, got '
+                         f'{tasks!r}')
     if quick:
-        mode, num_train, num_val, num_seeds, iters = 'quick', 8, 4, 2, 4
+        mode, num_train, num_val = 'quick', 8, 4
+        num_seeds, iters = 2, dict(det=4, seg=4)
         pretrain = PretrainSettings.quick()
     else:
-        mode, num_train, num_val, num_seeds, iters = 'full', 200, 100, 5, 160
+        mode, num_train, num_val = 'full', 200, TEST_IMAGES
+        num_seeds = max(PROTOCOL[t][1] for t in tasks)
+        iters = {t: PROTOCOL[t][0] for t in PROTOCOL}
         pretrain = PretrainSettings()
     det = TaskSettings('det', 'detection', 'faster-rcnn_r18_fpn_toy_voc',
                        'Faster R-CNN R-18 (deep stem) FPN', 'pascal_voc/mAP', 'mAP@0.5', 100.0,
-                       flops_reduction=0.5, iters=det_iters or iters)
+                       flops_reduction=0.5, iters=det_iters or iters['det'])
     seg = TaskSettings('seg', 'segmentation', 'pspnet_r18-d8_toy_voc12aug',
                        'PSPNet R-18-D8 (ResNetV1c)', 'mIoU', 'mIoU', 1.0,
-                       flops_reduction=0.3, iters=seg_iters or iters)
+                       flops_reduction=0.3, iters=seg_iters or iters['seg'])
     by_key = {'det': det, 'seg': seg}
-    if isinstance(tasks, str) or not tasks or any(t not in by_key for t in tasks):
-        raise ValueError(f'tasks must be a non-empty subset of {sorted(by_key)}, got {tasks!r}')
     return BenchSettings(mode=mode, num_train=num_train, num_val=num_val, img_size=(160, 128),
                          classes=BENCH_CLASSES, hard=True, data_seed=0,
                          seeds=tuple(range(seeds or num_seeds)),
                          tasks=tuple(by_key[t] for t in ('det', 'seg') if t in tasks),
-                         pretrain=pretrain, latency_repeats=5 if quick else 30)
+                         pretrain=pretrain, latency_repeats=5 if quick else 30,
+                         latency_rounds=2 if quick else 5)
 
 
 # =============================================================================== configs

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import datetime
 import gc
-import io
 import logging
 import math
 import shutil
@@ -21,10 +20,10 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 from benchlib import common
 from benchlib.quality.configs import (
     HALF_ROWS,
+    MAIN_ROWS,
     ROW_KEYS,
     ROWS_BY_KEY,
     RUN_ORDER,
-    WHOLE_MODEL_ROWS,
     BenchSettings,
     PathLike,
     RowSpec,
@@ -34,6 +33,12 @@ from benchlib.quality.configs import (
     load_config,
     second_half_config,
 )
+from benchlib.quality.deployed import (
+    LATENCY_THREADS,
+    export_deployed,
+    merged_for_deployment,
+    time_deployed,
+)
 from benchlib.quality.statistics import compare_rows, summarize_row
 from benchlib.quality.tables import write_results
 from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
@@ -42,7 +47,7 @@ from lrpet_mm.report.markdown import format_count
 from lrpet_mm.utils.atomic import atomic_path
 from lrpet_mm.utils.values import error_text
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class RowError(RuntimeError):
@@ -141,34 +146,6 @@ def _same_components(got: Mapping[str, dict], expected: Mapping[str, dict]) -> b
     return norm(got) == norm(expected)
 
 
-def cpu_eval_copy(module):
-    """A CPU copy of ``module`` in eval mode (mmdet/mmseg ``ResNet.train`` returns None, so
-    ``.eval()`` does not chain)."""
-    module = copy.deepcopy(module).cpu()
-    module.eval()
-    return module
-
-
-def onnx_latency_ms(backbones: Mapping[str, object], input_shape: Sequence[int],
-                    repeats: int) -> Dict[str, float]:
-    """Median ONNX Runtime latency (ms, batch 1) of each backbone, timed interleaved."""
-    import numpy as np
-    import torch
-
-    from lrpet_mm.deploy.timing import interleaved_median_ms, ort_runner, ort_session
-
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    runners = []
-    for module in backbones.values():
-        module = cpu_eval_copy(module)
-        buffer = io.BytesIO()
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(module, (x,), buffer, opset_version=17, do_constant_folding=True)
-        runners.append(ort_runner(ort_session(buffer.getvalue()), x.numpy().astype(np.float32)))
-    times = interleaved_median_ms(runners, repeats=repeats, warmup=3)
-    return dict(zip(backbones, times))
-
-
 @dataclass
 class TaskContext:
     """Per-task state shared by the seeds and rows."""
@@ -183,7 +160,9 @@ class TaskContext:
     lrpet_flops: Optional[int] = None
     model_flops: Optional[int] = None  # the uncompressed model's test-time FLOPs
     lrpet_model_flops: Optional[int] = None  # ... of the backbone-only LRPET plan's compact model
-    deployed: Dict[str, object] = field(default_factory=dict)  # seed 0 backbones
+    task_dir: Optional[Path] = None
+    deployed: Dict[str, Path] = field(default_factory=dict)  # seed 0's ONNX per row
+    deploy_input: Optional[object] = None  # the preprocessed image they are timed on
 
 
 def hook_budget(row: RowSpec, task: TaskSettings, ctx: TaskContext) -> float:
@@ -201,9 +180,10 @@ class QualityBenchmark:
     """Runs the rows, records results after each one (see :func:`run_benchmark`)."""
 
     def __init__(self, settings: BenchSettings, work_dir: PathLike, out_dir: PathLike,
-                 rows: Sequence[str] = ROW_KEYS, data_root: Optional[PathLike] = None,
+                 rows: Sequence[str] = MAIN_ROWS, data_root: Optional[PathLike] = None,
                  cache_dir: Optional[PathLike] = None, keep_checkpoints: bool = False,
-                 log: Callable[[str], None] = print, command: str = ''):
+                 log: Callable[[str], None] = print, command: str = '',
+                 variant: Optional[str] = None):
         unknown = [r for r in rows if r not in ROWS_BY_KEY]
         if unknown or not rows:
             raise ValueError(f'rows must be a non-empty subset of {list(ROW_KEYS)}, got '
@@ -221,9 +201,9 @@ class QualityBenchmark:
         self.start = None
         self.results = dict(
             benchmark='lrpet_mm evidence benchmark', format_version=FORMAT_VERSION,
-            command=command, mode=settings.mode, started=None, finished=None, complete=False,
-            wall_time_s=None, settings=settings.to_dict(), machine={}, data={},
-            pretrained={}, tasks={}, errors=[])
+            command=command, mode=settings.mode, variant=variant, started=None,
+            finished=None, complete=False, wall_time_s=None, settings=settings.to_dict(),
+            machine={}, data={}, pretrained={}, tasks={}, errors=[])
 
     # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
@@ -262,7 +242,7 @@ class QualityBenchmark:
             for task in s.tasks:
                 self.results['tasks'][task.key] = dict(
                     task=task.task, model=task.model_name, metric=task.metric,
-                    metric_label=task.metric_label, rank_plan=None, prune_ratio=None,
+                    metric_label=task.metric_label, rank_plan=None, prune_ratios={},
                     config_notes=('ResNet-18 deep stem, no frozen stage, BN statistics '
                                   'trained (norm_eval=False, see docs/benchmarks.md); smaller '
                                   'FPN/RPN/RoI heads (128 channels)'
@@ -356,17 +336,18 @@ class QualityBenchmark:
         for seed in self.settings.seeds:
             self._run_seed(task, seed, data_root, pretrained, task_dir / f'seed{seed}', ctx)
         if ctx.deployed:
-            self.log(f'{task.key}: timing {len(ctx.deployed)} deployed backbones in ONNX '
+            self.log(f'{task.key}: timing {len(ctx.deployed)} deployed whole models in ONNX '
                      'Runtime')
             try:
-                times = onnx_latency_ms(ctx.deployed, ctx.input_shape,
-                                        self.settings.latency_repeats)
+                with _quiet():
+                    latency = time_deployed(ctx.deployed, ctx.deploy_input,
+                                            threads=LATENCY_THREADS,
+                                            rounds=self.settings.latency_rounds,
+                                            repeats=self.settings.latency_repeats)
             except Exception as e:  # noqa: BLE001 - the accuracy results stand without it
-                self.results['tasks'][task.key]['latency'] = dict(error=error_text(e, 600))
-            else:
-                self.results['tasks'][task.key]['latency'] = dict(
-                    rows=times, input_shape=list(ctx.input_shape), batch=1, seed=0,
-                    repeats=self.settings.latency_repeats)
+                latency = dict(error=error_text(e, 600))
+            latency['seed'] = self.settings.seeds[0]
+            self.results['tasks'][task.key]['latency'] = latency
             self.save()
 
     def _context(self, task: TaskSettings, data_root: Path, pretrained: Path,
@@ -406,7 +387,7 @@ class QualityBenchmark:
         return TaskContext(task, plan, info, norms,
                            components_of({n: layer.rank for n, layer in plan.layers.items()},
                                          norms), tuple(shape), model_flops=model_flops,
-                           lrpet_model_flops=lrpet_model_flops)
+                           lrpet_model_flops=lrpet_model_flops, task_dir=task_dir)
 
     def _initial_checkpoint(self, cfg, seed: int, path: Path) -> Path:
         """Pretrained backbone + heads initialised under ``torch.manual_seed(seed)``: the
@@ -480,7 +461,6 @@ class QualityBenchmark:
             ctx.baseline_half = Path(cfg.work_dir) / f'iter_{task.iters // 2}.pth'
             eval_cfg, eval_ckpt = cfg, ckpt
             self._expect_iters(info, task.iters)
-            deployed = None
         elif row.kind == 'hook':
             cfg.load_from = str(init)
             cfg.custom_hooks = [dict(type='LRPETHook', flops_reduction=hook_budget(row, task, ctx),
@@ -490,7 +470,6 @@ class QualityBenchmark:
             entry['train_s'] = time.time() - t0
             self._expect_iters(info, task.iters)
             eval_cfg, eval_ckpt = self._factorize_hook_run(cfg, ckpt, row_dir, entry)
-            deployed = None
         elif row.kind in ('lra_half', 'lra_pretrained'):
             source = self._baseline_half(ctx) if row.kind == 'lra_half' else init
             if row.kind == 'lra_half':
@@ -500,9 +479,8 @@ class QualityBenchmark:
             entry['train_s'] = time.time() - t0
             if row.kind == 'lra_half':
                 entry['train_s'] += ctx.baseline_train_s / 2
-            deployed = None
         elif row.kind == 'prune':
-            entry.update(self._prune(task, second_half_config(cfg, task), ctx, seed))
+            entry.update(self._prune(task, row, second_half_config(cfg, task), ctx, seed))
             entry['train_s'] = entry['finetune_s'] + ctx.baseline_train_s / 2
             return entry
         else:  # pragma: no cover - ROWS only has the kinds above
@@ -514,10 +492,30 @@ class QualityBenchmark:
         entry.update(self._complexity(model, ctx))
         if row.key == 'lrpet':
             ctx.lrpet_flops = entry['backbone_flops']
-        if seed == self.settings.seeds[0] and row.key not in WHOLE_MODEL_ROWS:
-            ctx.deployed[row.key] = deployed or cpu_eval_copy(model.backbone)
+        if seed == self.settings.seeds[0]:
+            self._deploy(task, row.key, model, eval_cfg, ctx)
         entry['eval_s'] = time.time() - t1
         return entry
+
+    def _deploy(self, task: TaskSettings, key: str, model, cfg, ctx: TaskContext) -> None:
+        """Export ``model`` (seed 0 of row ``key``) as a user deploys it (latency-aware
+        merge, mmdeploy end to end for ONNX Runtime) for the timing at the end of the task;
+        a failure is recorded and the row's accuracy stands."""
+        info = self.results['tasks'][task.key].setdefault('deployed', {})
+        try:
+            with _quiet():
+                deployable, merged = merged_for_deployment(model, ctx.input_shape,
+                                                           LATENCY_THREADS)
+                path = ctx.task_dir / 'deployed' / f'{key}.onnx'
+                inputs = export_deployed(deployable, cfg, path, ctx.input_shape)
+        except Exception as e:  # noqa: BLE001 - recorded, the row's metric stands
+            info[key] = dict(error=error_text(e, 600))
+            self.log(f'{task.key} {key}: deployment failed: {info[key]["error"]}')
+            return
+        if ctx.deploy_input is None:
+            ctx.deploy_input = inputs
+        ctx.deployed[key] = path
+        info[key] = dict(merged_layers=merged, onnx_mb=path.stat().st_size / 2 ** 20)
 
     @staticmethod
     def _expect_iters(info: dict, n: int) -> None:
@@ -628,16 +626,18 @@ class QualityBenchmark:
         eval_cfg, eval_ckpt = self._fold(base_cfg, ft_cfg, ckpt, row_dir / 'compact', ctx)
         return eval_cfg, eval_ckpt, info
 
-    def _prune(self, task: TaskSettings, cfg, ctx: TaskContext, seed: int) -> dict:
-        """The baseline at T/2, channel-pruned to the LRPET row's backbone FLOPs, fine-tuned
-        T/2 and tested in the same Runner (the pruned network has no config of its own)."""
+    def _prune(self, task: TaskSettings, row: RowSpec, cfg, ctx: TaskContext, seed: int
+               ) -> dict:
+        """The baseline at T/2, channel-pruned (the backbone to the LRPET row's backbone
+        FLOPs, or backbone and heads to the row's whole-model budget), fine-tuned T/2 and
+        tested in the same Runner (the pruned network has no config of its own)."""
         from benchlib.channel_pruning import prune_resnet_blocks
+        from benchlib.head_pruning import prune_whole_model
         from lrpet_mm.engine.checkpoint_meta import load_checkpoint_file
-        from lrpet_mm.engine.flops import count_flops, count_params, whole_model_flops
         from lrpet_mm.models.factorize_checkpoint import load_state_dict_strict
 
         source = self._baseline_half(ctx)
-        if ctx.lrpet_flops is None:
+        if row.budget == 'task' and ctx.lrpet_flops is None:
             raise RowError('the LRPET row of this seed gave no backbone FLOPs to match')
         runner = quiet_runner(cfg)
         try:
@@ -645,8 +645,16 @@ class QualityBenchmark:
             with _quiet():
                 model.init_weights()  # now, so that train() does not re-initialise the
                 load_state_dict_strict(model, load_checkpoint_file(source), str(source))
-                pruned = prune_resnet_blocks(model.backbone, ctx.input_shape, ctx.lrpet_flops)
-            self.results['tasks'][task.key]['prune_ratio'] = pruned.ratio
+                if row.budget == 'task':
+                    pruned = prune_resnet_blocks(model.backbone, ctx.input_shape,
+                                                 ctx.lrpet_flops)
+                    channels = {f'backbone.{k}': v for k, v in pruned.channels.items()}
+                else:
+                    target = round((1 - hook_budget(row, task, ctx)) * ctx.model_flops)
+                    pruned = prune_whole_model(model, ctx.input_shape, target)
+                    channels = pruned.channels
+            self.results['tasks'][task.key].setdefault('prune_ratios', {})[row.key] = \
+                pruned.ratio
             t0 = time.time()
             info = _run_training(runner)
             train_s = time.time() - t0
@@ -656,17 +664,13 @@ class QualityBenchmark:
                 metrics = runner.test()
             entry = dict(error=None, extra=dict(prune_ratio=pruned.ratio,
                                                 channels={k: list(v) for k, v in
-                                                          pruned.channels.items()}))
+                                                          channels.items()}))
             entry.update(self._metric(task, metrics))
             model = runner.model
             model.eval()
-            with _quiet():
-                entry.update(backbone_flops=count_flops(model.backbone, ctx.input_shape),
-                             backbone_params=count_params(model.backbone),
-                             model_flops=whole_model_flops(model, ctx.input_shape),
-                             model_params=count_params(model))
+            entry.update(self._complexity(model, ctx))
             if seed == self.settings.seeds[0]:
-                ctx.deployed['prune'] = cpu_eval_copy(model.backbone)
+                self._deploy(task, row.key, model, cfg, ctx)
             entry['eval_s'] = time.time() - t1
             entry['finetune_s'] = train_s
             return entry
@@ -676,15 +680,16 @@ class QualityBenchmark:
 
 
 def run_benchmark(settings: BenchSettings, work_dir: PathLike, out_dir: PathLike,
-                  rows: Sequence[str] = ROW_KEYS, data_root: Optional[PathLike] = None,
+                  rows: Sequence[str] = MAIN_ROWS, data_root: Optional[PathLike] = None,
                   cache_dir: Optional[PathLike] = None, keep_checkpoints: bool = False,
-                  log: Callable[[str], None] = print, command: str = '') -> Tuple[int, dict]:
+                  log: Callable[[str], None] = print, command: str = '',
+                  variant: Optional[str] = None) -> Tuple[int, dict]:
     """Run the benchmark; returns ``(exit code, results)``: 0 if every row succeeded, else 1.
 
     Results are written to ``out_dir/quality_<task>.{json,md}`` after every row (atomically),
     so an interrupted run leaves the rows finished so far (``complete: false``).
     """
     bench = QualityBenchmark(settings, work_dir, out_dir, rows, data_root, cache_dir,
-                             keep_checkpoints, log, command)
+                             keep_checkpoints, log, command, variant)
     code = bench.run()
     return code, bench.results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from benchlib.quality.configs import ROW_KEYS
+from benchlib.quality.configs import COMPARISONS
 
 
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
@@ -58,16 +58,17 @@ def paired_comparison(ours: Mapping[str, Optional[float]],
     return result
 
 
-def verdict(comparison: dict) -> str:
-    """What the interval supports: 'LRPET better', 'LRPET worse' or 'no clear difference'."""
+def verdict(comparison: dict, ours: str = 'LRPET') -> str:
+    """What the interval supports: '<ours> better', '<ours> worse', or 'no difference larger
+    than X' where X bounds |difference| at 95 % (the interval's farther end)."""
     ci = comparison.get('ci95')
     if not ci:
         return 'n/a'
     if ci[0] > 0:
-        return 'LRPET better'
+        return f'{ours} better'
     if ci[1] < 0:
-        return 'LRPET worse'
-    return 'no clear difference'
+        return f'{ours} worse'
+    return f'no difference larger than {max(abs(ci[0]), abs(ci[1])):.1f} points'
 
 
 def metric_by_seed(row: dict) -> Dict[str, Optional[float]]:
@@ -91,16 +92,15 @@ def summarize_row(row: dict) -> dict:
 
 
 def compare_rows(task: dict) -> Dict[str, dict]:
-    """LRPET (defaults) against every other row: :func:`paired_comparison` + verdict."""
+    """Each pair of :data:`COMPARISONS` whose rows ran, keyed ``'<ours> - <other>'``:
+    :func:`paired_comparison` of ``ours − other`` + verdict."""
     rows = task['rows']
-    if 'lrpet' not in rows:
-        return {}
-    ours = metric_by_seed(rows['lrpet'])
     out = {}
-    for key in ROW_KEYS:
-        if key == 'lrpet' or key not in rows:
+    for ours, other in COMPARISONS:
+        if ours not in rows or other not in rows:
             continue
-        comparison = paired_comparison(ours, metric_by_seed(rows[key]))
-        comparison['verdict'] = verdict(comparison)
-        out[key] = comparison
+        comparison = paired_comparison(metric_by_seed(rows[ours]), metric_by_seed(rows[other]))
+        comparison.update(ours=ours, other=other,
+                          verdict=verdict(comparison, rows[ours]['label']))
+        out[f'{ours} - {other}'] = comparison
     return out

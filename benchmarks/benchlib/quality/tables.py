@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple
 
 from benchlib import common
 from benchlib.quality.configs import ROW_KEYS, ROWS, PathLike
+from benchlib.quality.deployed import LATENCY_THREADS, latency_of
+from benchlib.quality.figure import write_figure
 from benchlib.quality.statistics import compare_rows, summarize_row
 from lrpet_mm.report.markdown import format_count
 from lrpet_mm.utils.atomic import check_writable_dir
@@ -39,7 +41,7 @@ def markdown_task_table(task: dict) -> str:
     latency = task.get('latency') or {}
     lines = [f'| method | {label} (%), mean ± std | per seed | training (s) | backbone FLOPs '
              '| vs baseline | whole-model FLOPs | vs baseline | backbone params '
-             '| deployed backbone, ORT (ms) |',
+             '| deployed whole model, ORT (ms), median [range] |',
              '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
     for key in ROW_KEYS:
         if key not in rows:
@@ -55,11 +57,14 @@ def markdown_task_table(task: dict) -> str:
             metric += f' ({summary["errors"]} failed)'
         change = _percent_change(summary.get('backbone_flops'), base.get('backbone_flops'))
         model_change = _percent_change(summary.get('model_flops'), base.get('model_flops'))
-        lat = (latency.get('rows') or {}).get(key)
-        lat_text = 'n/a' if lat is None else f'{lat:.2f}'
-        base_lat = (latency.get('rows') or {}).get('baseline')
-        if lat is not None and base_lat and key != 'baseline':
-            lat_text += f' ({base_lat / lat:.2f}×)'
+        lat = latency_of(latency, key)
+        lat_text = 'n/a' if lat is None else f'{lat:.1f}'
+        base_lat = latency_of(latency, 'baseline')
+        if lat is not None:
+            lo, hi = latency['rows'][key]['range_ms']
+            lat_text += f' [{lo:.1f}, {hi:.1f}]'
+            if base_lat and key != 'baseline':
+                lat_text += f' ({base_lat / lat:.2f}×)'
         lines.append(
             f'| {row["label"]} | {metric} | {" / ".join(per_seed)} '
             f'| {_fmt(summary.get("train_s_mean"), ".0f")} '
@@ -72,17 +77,18 @@ def markdown_task_table(task: dict) -> str:
 
 
 def markdown_comparisons(task: dict) -> str:
-    """LRPET minus each other row, paired by seed."""
+    """Each reported pair (:data:`COMPARISONS`), paired by seed."""
     comparisons = task.get('comparisons') or compare_rows(task)
     if not comparisons:
         return ''
-    lines = ['| LRPET (defaults) minus | mean paired difference (pp) | 95 % CI | LRPET wins '
+    lines = ['| comparison | mean paired difference (pp) | 95 % CI | first wins '
              '| detectable at this n (pp, 80 % power) | reading |',
              '|---|---:|---|---:|---:|---|']
-    for key, c in comparisons.items():
+    for c in comparisons.values():
         ci = c.get('ci95')
         lines.append(
-            f'| {task["rows"][key]["label"]} | {_fmt(c.get("mean"), "+.2f")} '
+            f'| {task["rows"][c["ours"]]["label"]} − {task["rows"][c["other"]]["label"]} '
+            f'| {_fmt(c.get("mean"), "+.2f")} '
             f'| {"n/a" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"} '
             f'| {c.get("wins", 0)} of {c.get("n", 0)} | {_fmt(c.get("detectable"), ".2f")} '
             f'| {c.get("verdict", "n/a")} |')
@@ -129,10 +135,13 @@ def markdown_results(results: dict) -> str:
         '- every compressed row is evaluated as its deployed model (factorized with BNs folded,'
         ' or pruned); FLOPs = multiply-adds (`mmengine.analysis`) at the planning input size, '
         'of the backbone and of the whole model\'s test-time tensor forward (as '
-        '`tools/report.py` counts it); latency: each backbone-only row\'s deployed backbone '
-        f'(seed 0) in ONNX Runtime, batch 1, median of {settings["latency_repeats"]} '
-        'interleaved runs (the whole-model rows change more than the backbone: their deployed '
-        'whole models are timed by `benchmarks/bench_inference.py`)', '']
+        '`tools/report.py` counts it); latency: each row\'s deployed whole model (seed 0, '
+        'latency-aware merge and mmdeploy end-to-end export as `tools/deploy.py` does) in ONNX '
+        f'Runtime, {LATENCY_THREADS} threads, batch 1, on one preprocessed test image: '
+        f'{settings.get("latency_rounds", 1)} rounds in shuffled order, each of '
+        f'{settings["latency_repeats"]} interleaved runs per model; median of the round '
+        'medians [their range]; the baseline is timed twice (two sessions) to measure the '
+        'agreement of identical architectures', '']
     for key, task in results['tasks'].items():
         tset = settings['tasks'][key]
         plan = task.get('rank_plan') or {}
@@ -153,13 +162,30 @@ def markdown_results(results: dict) -> str:
                     f'{format_count(plan["model_flops_after"])} '
                     f'({100 * plan["model_reduction"]:.2f} % fewer): the budget of the '
                     '"whole model, same FLOPs" row')
-        if task.get('prune_ratio') is not None:
-            lines.append(f'- channel pruning: {100 * task["prune_ratio"]:.1f} % of the inner '
-                         'channels of every residual block removed')
+        for row_key, ratio in (task.get('prune_ratios') or {}).items():
+            where = ('every residual block' if row_key == 'prune' else
+                     'every residual block and head layer chain')
+            lines.append(f'- {task["rows"][row_key]["label"]}: {100 * ratio:.1f} % of the inner '
+                         f'channels of {where} removed')
+        agreement = (task.get('latency') or {}).get('agreement')
+        if agreement:
+            lines.append(f'- identical architectures (the baseline in two sessions) differ by '
+                         f'{100 * agreement["relative_difference"]:.1f} % in median latency '
+                         f'(target ≤ {100 * agreement["target"]:.0f} %: '
+                         f'{"met" if agreement["met"] else "NOT met"})')
+        if (task.get('latency') or {}).get('error'):
+            lines.append(f'- latency: failed: `{task["latency"]["error"]}`')
+        for row_key, info in (task.get('deployed') or {}).items():
+            if info.get('error'):
+                lines.append(f'- deployment of {row_key} failed: `{info["error"]}`')
         lines += ['', markdown_task_table(task), markdown_comparisons(task)]
+        lines += [f'![{key}: metric vs deployed latency and FLOPs]({figure_name(results, key)})'
+                  if task.get('figure') else '', '']
     lines += ['## Rows', '']
+    ran = {key for task in results['tasks'].values() for key in task['rows']}
     for row in ROWS:
-        lines.append(f'- **{row.label}**: {row.description}.')
+        if row.key in ran:
+            lines.append(f'- **{row.label}**: {row.description}.')
     lines.append('')
     if results.get('errors'):
         lines += ['## Errors', '']
@@ -170,14 +196,33 @@ def markdown_results(results: dict) -> str:
     return '\n'.join(lines)
 
 
-def result_name(tasks: Sequence[str]) -> str:
-    """``quality_det`` / ``quality_seg`` / ``quality_det_seg``: one result file per task run."""
-    return 'quality_' + '_'.join(tasks)
+def result_name(tasks: Sequence[str], variant: Optional[str] = None) -> str:
+    """``quality_det`` / ``quality_seg`` / ``quality_det_seg`` (one result file per task run),
+    ``quality_det_ablation`` for the ablation run."""
+    return 'quality_' + '_'.join(tasks) + (f'_{variant}' if variant else '')
+
+
+def _name(results: dict) -> str:
+    return result_name(list(results['tasks']) or list(results['settings']['tasks']),
+                       results.get('variant'))
+
+
+def figure_name(results: dict, task_key: str) -> str:
+    """The figure file of one task, next to the tables: ``<result name>_<task>.png``."""
+    name = _name(results)
+    return f'{name}.png' if len(results['tasks']) < 2 else f'{name}_{task_key}.png'
 
 
 def write_results(results: dict, out_dir: PathLike) -> Tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` atomically (temporary file, then rename)."""
-    name = result_name(list(results['tasks']) or list(results['settings']['tasks']))
-    json_path = common.write_results(check_writable_dir(out_dir) / f'{name}.json', results,
+    """Write ``<name>.json`` and ``<name>.md`` atomically (temporary file, then rename), and
+    each task's figure (:func:`figure_name`) once its rows have metrics."""
+    out_dir = check_writable_dir(out_dir)
+    name = _name(results)
+    for key, task in results['tasks'].items():
+        path = write_figure(task, out_dir / figure_name(results, key),
+                            f'{task["model"]} ({results["settings"]["mode"]} mode): each row\'s '
+                            'metric over its paired seeds against its deployed cost')
+        task['figure'] = None if path is None else path.name
+    json_path = common.write_results(out_dir / f'{name}.json', results,
                                      markdown_results(results))
     return json_path, json_path.with_suffix('.md')
