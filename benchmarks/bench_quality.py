@@ -77,6 +77,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--redecide', action='store_true',
                         help='with --pilot: apply the rule again to the pilot_<task>.json '
                         'already in the output directory (no training)')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue the run whose results are in the output directory: its '
+                        'finished seeds are kept, a seed left half done runs again whole '
+                        '(refused if that run had other settings or rows)')
     parser.add_argument('--keep-checkpoints', action='store_true',
                         help='keep the training and compact checkpoints (deleted by default)')
     return parser.parse_args(argv)
@@ -108,11 +112,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.pilot:
         return pilot(args, settings, work_dir, command)
     rows = ABLATION_ROWS if args.ablation else (args.rows or MAIN_ROWS)
-    code, _ = run_benchmark(settings, work_dir, args.out_dir, rows=rows,
-                            variant='ablation' if args.ablation else None,
-                            data_root=args.data_root, cache_dir=args.cache_dir,
-                            keep_checkpoints=args.keep_checkpoints,
-                            log=lambda m: print(m, flush=True), command=command)
+    try:
+        code, _ = run_benchmark(settings, work_dir, args.out_dir, rows=rows,
+                                variant='ablation' if args.ablation else None,
+                                resume=args.resume,
+                                data_root=args.data_root, cache_dir=args.cache_dir,
+                                keep_checkpoints=args.keep_checkpoints,
+                                log=lambda m: print(m, flush=True), command=command)
+    except ValueError as e:  # --resume of another protocol's results
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return code
 
 

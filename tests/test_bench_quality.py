@@ -3,6 +3,7 @@ the half rows, tables, settings, and the whole protocol end to end in quick mode
 two paired seeds, the built-in data and a user's ``--data-root``)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -204,15 +205,38 @@ def test_quick_run_of_every_row(tmp_path: Path) -> None:
     assert results['tasks']['seg']['figure'] == 'quality_seg.png'
     assert (out / 'quality_seg.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert '](quality_seg.png)' in text
-    # a seed fixes the starting point and the data order: the baseline of seed 0 is
-    # reproduced exactly by a second run of that row alone
-    code = script.main(['--quick', '--tasks', 'seg', '--rows', 'baseline', '--seeds', '1',
-                        '--work-dir', str(tmp_path / 'work2'), '--out-dir', str(tmp_path / 'o2'),
-                        '--cache-dir', str(tmp_path / 'cache')])
-    again = json.loads((tmp_path / 'o2' / 'quality_seg.json').read_text())
-    assert code == 0 and again['pretrained']['cached']
-    assert (again['tasks']['seg']['rows']['baseline']['seeds']['0']['metric']
-            == results['tasks']['seg']['rows']['baseline']['seeds']['0']['metric'])
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_its_unfinished_seeds_only(tmp_path: Path) -> None:
+    """``--resume`` keeps the finished seeds as recorded, runs a half-done seed again whole
+    (reproducing it exactly: a seed fixes the starting point and the data order), and
+    refuses results of other settings."""
+    script = load_repo_script('benchmarks/bench_quality.py', 'bench_quality')
+    out = tmp_path / 'out'
+    args = ['--quick', '--tasks', 'seg', '--rows', 'baseline', 'lra_half', '--work-dir',
+            str(tmp_path / 'work'), '--out-dir', str(out), '--cache-dir', str(tmp_path / 'c')]
+    assert script.main(args) == 0
+    path = out / 'quality_seg.json'
+    first = json.loads(path.read_text())
+    # interrupted during seed 1: its baseline recorded, its LRA row not
+    cut = copy.deepcopy(first)
+    del cut['tasks']['seg']['rows']['lra_half']['seeds']['1']
+    cut['complete'] = False
+    path.write_text(json.dumps(cut))
+    assert script.main(args + ['--resume']) == 0
+    again = json.loads(path.read_text())
+    assert again['complete'] and len(again['sessions']) == 2 and again['sessions'][1]['resumed']
+    for key in ('baseline', 'lra_half'):
+        seeds = again['tasks']['seg']['rows'][key]['seeds']
+        old = first['tasks']['seg']['rows'][key]['seeds']
+        assert seeds['0'] == old['0'], key  # kept as recorded (wall time included)
+        assert seeds['1']['wall_s'] != old['1']['wall_s']  # run again ...
+        assert seeds['1']['metric'] == old['1']['metric']  # ... with the same result
+    assert again['tasks']['seg']['latency'] == first['tasks']['seg']['latency']
+    assert again['wall_time_s'] > first['wall_time_s']
+    # results of another protocol are not resumed
+    assert script.main(args + ['--resume', '--seeds', '3']) == 2
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Shared plumbing of the ``benchmarks/`` scripts: one machine description and atomic output."""
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -65,6 +66,15 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         info['load_average'] = [round(v, 2) for v in os.getloadavg()]
     info['git_commit'], info['git_dirty'] = git_state()
     return info
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_results(out: Union[str, os.PathLike], data: dict, table: str) -> Path:

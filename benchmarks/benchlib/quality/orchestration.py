@@ -15,7 +15,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from benchlib import common
 from benchlib.quality.configs import (
@@ -40,7 +40,7 @@ from benchlib.quality.deployed import (
     time_deployed,
 )
 from benchlib.quality.statistics import compare_rows, summarize_row
-from benchlib.quality.tables import write_results
+from benchlib.quality.tables import result_file_stem, write_results
 from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
 from lrpet_mm.report.evaluation import quiet_runner
 from lrpet_mm.report.markdown import format_count
@@ -183,7 +183,7 @@ class QualityBenchmark:
                  rows: Sequence[str] = MAIN_ROWS, data_root: Optional[PathLike] = None,
                  cache_dir: Optional[PathLike] = None, keep_checkpoints: bool = False,
                  log: Callable[[str], None] = print, command: str = '',
-                 variant: Optional[str] = None):
+                 variant: Optional[str] = None, resume: bool = False):
         unknown = [r for r in rows if r not in ROWS_BY_KEY]
         if unknown or not rows:
             raise ValueError(f'rows must be a non-empty subset of {list(ROW_KEYS)}, got '
@@ -203,7 +203,9 @@ class QualityBenchmark:
             benchmark='lrpet_mm evidence benchmark', format_version=FORMAT_VERSION,
             command=command, mode=settings.mode, variant=variant, started=None,
             finished=None, complete=False, wall_time_s=None, settings=settings.to_dict(),
-            machine={}, data={}, pretrained={}, tasks={}, errors=[])
+            machine={}, data={}, pretrained={}, tasks={}, errors=[], sessions=[])
+        self.resume = resume
+        self._previous = self._load_previous() if resume else None
 
     # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
@@ -211,11 +213,63 @@ class QualityBenchmark:
         self._log(f'[bench_quality {elapsed:7.1f}s] {message}')
 
     def save(self) -> Tuple[Path, Path]:
-        if self.start is not None:
-            self.results['wall_time_s'] = time.time() - self.start
+        if self.start is not None:  # this session's time plus that of the sessions before
+            earlier = sum(x.get('wall_time_s') or 0.0 for x in self.results['sessions'][:-1])
+            self.results['wall_time_s'] = earlier + time.time() - self.start
         for task in self.results['tasks'].values():
             task['comparisons'] = compare_rows(task)
         return write_results(self.results, self.out_dir)
+
+    def _results_path(self) -> Path:
+        return self.out_dir / f'{result_file_stem(self.results)}.json'
+
+    def _load_previous(self) -> Optional[dict]:
+        """The results an interrupted run of the same protocol left in ``out_dir`` (None if
+        there are none); raises ``ValueError`` when they are of another protocol."""
+        import json
+
+        path = self._results_path()
+        if not path.is_file():
+            return None
+        previous = json.loads(path.read_text())
+        if previous.get('format_version') != FORMAT_VERSION:
+            raise ValueError(f'--resume: {path} has format version '
+                             f'{previous.get("format_version")}, this code writes '
+                             f'{FORMAT_VERSION}')
+        if previous.get('settings') != self.results['settings']:
+            raise ValueError(f'--resume: {path} was run with other settings (mode, T, seeds, '
+                             'data or pretraining); start a new run in another --out-dir')
+        for key, task in previous.get('tasks', {}).items():
+            if sorted(task.get('rows', {})) != sorted(self.rows):
+                raise ValueError(f'--resume: {path} ({key}) has rows '
+                                 f'{sorted(task.get("rows", {}))}, this run {sorted(self.rows)}')
+        return previous
+
+    def _take_previous(self) -> None:
+        """Keep the previous run's finished seeds (every row recorded); a seed left half
+        done is dropped and runs again whole (its rows share the baseline's T/2 checkpoint)."""
+        for key, old in self._previous['tasks'].items():
+            if key not in self.results['tasks']:
+                continue
+            done = [str(seed) for seed in self.settings.seeds
+                    if all(str(seed) in row['seeds'] for row in old['rows'].values())]
+            for row in old['rows'].values():
+                row['seeds'] = {seed: e for seed, e in row['seeds'].items() if seed in done}
+                row['summary'] = summarize_row(row)
+            self.results['tasks'][key] = old
+        self.results['errors'] = [e for e in self._previous.get('errors', [])
+                                  if str(e['seed']) in self._done_seeds(e['task'])]
+        pre = self._previous.get('pretrained') or {}
+        if pre.get('sha256') and pre['sha256'] != self.results['pretrained'].get('sha256'):
+            self.results['sessions'][-1]['pretrained_sha256_differs'] = True
+            self.log('warning: the pretrained backbone was rebuilt with other weights than the '
+                     'resumed run\'s (recorded; seeds stay paired within themselves)')
+        self.results['pretrained_previous'] = pre
+
+    def _done_seeds(self, task_key: str) -> List[str]:
+        rows = self.results['tasks'][task_key]['rows'].values()
+        return [str(seed) for seed in self.settings.seeds
+                if all(str(seed) in row['seeds'] for row in rows)]
 
     def _cleanup(self, *paths: Optional[Path]) -> None:
         if self.keep_checkpoints:
@@ -232,6 +286,12 @@ class QualityBenchmark:
         self.results['started'] = datetime.datetime.now().astimezone().isoformat(
             timespec='seconds')
         self.results['machine'] = common.machine_info()
+        session = dict(started=self.results['started'], command=self.results['command'],
+                       machine=self.results['machine'], resumed=self._previous is not None)
+        if self._previous is not None:
+            self.results['started'] = self._previous['started']
+            self.results['sessions'] = list(self._previous.get('sessions') or [])
+        self.results['sessions'].append(session)
         s = self.settings
         self.log(f'{s.mode} mode: tasks {[t.key for t in s.tasks]}, rows {self.rows}, seeds '
                  f'{list(s.seeds)}; work dir {self.work_dir}, results in {self.out_dir}')
@@ -252,13 +312,16 @@ class QualityBenchmark:
                                     description=ROWS_BY_KEY[key].description, seeds={},
                                     summary=None) for key in self.rows},
                     latency=None)
+            if self._previous is not None:
+                self._take_previous()
             self.save()
             for task in s.tasks:
                 self._run_task(task, data_root, pretrained)
         finally:
             saved.restore()
-            self.results['finished'] = datetime.datetime.now().astimezone().isoformat(
-                timespec='seconds')
+            self.results['finished'] = session['finished'] = \
+                datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+            session['wall_time_s'] = time.time() - self.start
             self.results['complete'] = self._all_done()
             json_path, md_path = self.save()
             self.log(f'wrote {json_path} and {md_path}')
@@ -293,8 +356,9 @@ class QualityBenchmark:
                                     log=self.log)
         stats = built.bn_stats.get('overall', built.bn_stats)
         self.results['pretrained'] = dict(
-            file=str(built.path), cached=built.cached, test_accuracy_pct=100 *
-            built.test_accuracy, train_seconds=built.train_seconds, bn_stats=built.bn_stats,
+            file=str(built.path), sha256=common.file_sha256(built.path), cached=built.cached,
+            test_accuracy_pct=100 * built.test_accuracy, train_seconds=built.train_seconds,
+            bn_stats=built.bn_stats,
             gamma_median=stats.get('gamma_median', stats.get('median')),
             dead_fraction_pct=(None if stats.get('dead_fraction') is None
                                else 100 * stats['dead_fraction']),
@@ -333,22 +397,35 @@ class QualityBenchmark:
                     self._record(task, key, seed, dict(error=f'planning failed: '
                                                        f'{error_text(e, 600)}'))
             return
+        done = set(self._done_seeds(task.key))
+        if done:
+            self.log(f'{task.key}: resuming; seeds {sorted(done, key=int)} are done')
         for seed in self.settings.seeds:
+            if str(seed) in done:
+                continue
             self._run_seed(task, seed, data_root, pretrained, task_dir / f'seed{seed}', ctx)
-        if ctx.deployed:
-            self.log(f'{task.key}: timing {len(ctx.deployed)} deployed whole models in ONNX '
-                     'Runtime')
-            try:
-                with _quiet():
-                    latency = time_deployed(ctx.deployed, ctx.deploy_input,
-                                            threads=LATENCY_THREADS,
-                                            rounds=self.settings.latency_rounds,
-                                            repeats=self.settings.latency_repeats)
-            except Exception as e:  # noqa: BLE001 - the accuracy results stand without it
-                latency = dict(error=error_text(e, 600))
-            latency['seed'] = self.settings.seeds[0]
-            self.results['tasks'][task.key]['latency'] = latency
-            self.save()
+            if seed == self.settings.seeds[0]:
+                self._time_deployed(task, ctx)
+
+    def _time_deployed(self, task: TaskSettings, ctx: TaskContext) -> None:
+        """Time the first seed's deployed models together (right after that seed, so that an
+        interrupted run that is resumed later has its latency table)."""
+        if not ctx.deployed:
+            return
+        self.log(f'{task.key}: timing {len(ctx.deployed)} deployed whole models in ONNX '
+                 'Runtime')
+        try:
+            with _quiet():
+                latency = time_deployed(ctx.deployed, ctx.deploy_input,
+                                        threads=LATENCY_THREADS,
+                                        rounds=self.settings.latency_rounds,
+                                        repeats=self.settings.latency_repeats)
+        except Exception as e:  # noqa: BLE001 - the accuracy results stand without it
+            latency = dict(error=error_text(e, 600))
+        latency['seed'] = self.settings.seeds[0]
+        latency['machine'] = self.results['machine'].get('cpu')
+        self.results['tasks'][task.key]['latency'] = latency
+        self.save()
 
     def _context(self, task: TaskSettings, data_root: Path, pretrained: Path,
                  task_dir: Path) -> TaskContext:
@@ -683,13 +760,13 @@ def run_benchmark(settings: BenchSettings, work_dir: PathLike, out_dir: PathLike
                   rows: Sequence[str] = MAIN_ROWS, data_root: Optional[PathLike] = None,
                   cache_dir: Optional[PathLike] = None, keep_checkpoints: bool = False,
                   log: Callable[[str], None] = print, command: str = '',
-                  variant: Optional[str] = None) -> Tuple[int, dict]:
+                  variant: Optional[str] = None, resume: bool = False) -> Tuple[int, dict]:
     """Run the benchmark; returns ``(exit code, results)``: 0 if every row succeeded, else 1.
 
     Results are written to ``out_dir/quality_<task>.{json,md}`` after every row (atomically),
     so an interrupted run leaves the rows finished so far (``complete: false``).
     """
     bench = QualityBenchmark(settings, work_dir, out_dir, rows, data_root, cache_dir,
-                             keep_checkpoints, log, command, variant)
+                             keep_checkpoints, log, command, variant, resume)
     code = bench.run()
     return code, bench.results

@@ -202,14 +202,15 @@ def result_name(tasks: Sequence[str], variant: Optional[str] = None) -> str:
     return 'quality_' + '_'.join(tasks) + (f'_{variant}' if variant else '')
 
 
-def _name(results: dict) -> str:
+def result_file_stem(results: dict) -> str:
+    """The results' file name without extension (:func:`result_name` of their tasks)."""
     return result_name(list(results['tasks']) or list(results['settings']['tasks']),
                        results.get('variant'))
 
 
 def figure_name(results: dict, task_key: str) -> str:
     """The figure file of one task, next to the tables: ``<result name>_<task>.png``."""
-    name = _name(results)
+    name = result_file_stem(results)
     return f'{name}.png' if len(results['tasks']) < 2 else f'{name}_{task_key}.png'
 
 
@@ -217,7 +218,7 @@ def write_results(results: dict, out_dir: PathLike) -> Tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` atomically (temporary file, then rename), and
     each task's figure (:func:`figure_name`) once its rows have metrics."""
     out_dir = check_writable_dir(out_dir)
-    name = _name(results)
+    name = result_file_stem(results)
     for key, task in results['tasks'].items():
         path = write_figure(task, out_dir / figure_name(results, key),
                             f'{task["model"]} ({results["settings"]["mode"]} mode): each row\'s '
