@@ -235,6 +235,7 @@ def test_an_interrupted_run_resumes_its_unfinished_seeds_only(tmp_path: Path) ->
         assert seeds['1']['metric'] == old['1']['metric']  # ... with the same result
     assert again['tasks']['seg']['latency'] == first['tasks']['seg']['latency']
     assert again['wall_time_s'] > first['wall_time_s']
+    assert again['wall_time_s'] == pytest.approx(sum(x['wall_time_s'] for x in again['sessions']))
     # results of another protocol are not resumed
     assert script.main(args + ['--resume', '--seeds', '3']) == 2
 

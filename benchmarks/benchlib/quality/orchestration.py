@@ -213,9 +213,11 @@ class QualityBenchmark:
         self._log(f'[bench_quality {elapsed:7.1f}s] {message}')
 
     def save(self) -> Tuple[Path, Path]:
-        if self.start is not None:  # this session's time plus that of the sessions before
-            earlier = sum(x.get('wall_time_s') or 0.0 for x in self.results['sessions'][:-1])
-            self.results['wall_time_s'] = earlier + time.time() - self.start
+        if self.start is not None:  # this session's time (so far: a killed run keeps the time
+            # to its last row) plus that of the sessions before
+            self.results['sessions'][-1]['wall_time_s'] = time.time() - self.start
+            self.results['wall_time_s'] = sum(x.get('wall_time_s') or 0.0
+                                              for x in self.results['sessions'])
         for task in self.results['tasks'].values():
             task['comparisons'] = compare_rows(task)
         return write_results(self.results, self.out_dir)
@@ -321,7 +323,6 @@ class QualityBenchmark:
             saved.restore()
             self.results['finished'] = session['finished'] = \
                 datetime.datetime.now().astimezone().isoformat(timespec='seconds')
-            session['wall_time_s'] = time.time() - self.start
             self.results['complete'] = self._all_done()
             json_path, md_path = self.save()
             self.log(f'wrote {json_path} and {md_path}')
