@@ -20,7 +20,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.config import Config
@@ -76,6 +76,16 @@ def write_merged_checkpoint(cfg: Config, model: nn.Module, merged: Sequence[str]
     return cfg_path, ckpt_path
 
 
+def tensor_forward_example(shape: Sequence[int]) -> Callable[[nn.Module], None]:
+    """The merge's timing forward: ``model``'s test-time tensor forward on an all-zero image
+    of ``shape`` = (C, H, W), as an ``example`` for :func:`latency_aware_merge`."""
+    image = torch.zeros(1, *shape)
+
+    def example(m: nn.Module) -> None:
+        TensorForward(m, shape)(image)
+    return example
+
+
 def latency_merge_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: PathLike,
                              input_shape: Optional[Sequence[int]] = None,
                              name: Optional[str] = None, cfg_options: Optional[dict] = None,
@@ -103,13 +113,9 @@ def latency_merge_checkpoint(config: PathLike, checkpoint: PathLike, out_dir: Pa
                          'latency-aware merge applies to a compact model from '
                          'tools/factorize.py')
     shape = resolve_input_shape(cfg, input_shape)
-    image = torch.zeros(1, *shape)
-
-    def example(m: nn.Module) -> None:
-        TensorForward(m, shape)(image)
-
-    result = latency_aware_merge(model, example, runtime=runtime, repeats=repeats,
-                                 warmup=warmup, margin=margin, threads=threads, inplace=True)
+    result = latency_aware_merge(model, tensor_forward_example(shape), runtime=runtime,
+                                 repeats=repeats, warmup=warmup, margin=margin, threads=threads,
+                                 inplace=True)
     meta = dict(ckpt.get('meta') or {})
     meta['lrpet_latency_merge'] = dict(result.to_dict(), input_shape=list(shape),
                                        merged=result.merged,

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch import nn
 
 #: The second session on the baseline's ONNX (identical architecture and weights).
@@ -36,28 +35,19 @@ LATENCY_THREADS = 2
 AGREEMENT_TARGET = 0.05
 
 
-def _example(shape: Sequence[int]):
-    from lrpet_mm.engine.flops import TensorForward
-
-    image = torch.zeros(1, *shape)
-
-    def example(m: nn.Module) -> None:
-        TensorForward(m, shape)(image)
-    return example
-
-
 def merged_for_deployment(model: nn.Module, shape: Sequence[int], threads: int
                           ) -> Tuple[nn.Module, list]:
     """``tools/deploy.py``'s latency-aware merge (ONNX Runtime timing, its defaults) of a
     copy of ``model`` when it has low-rank layers; ``(model to export, merged layer names)``."""
     from lrpet_mm.deploy.latency import latency_aware_merge, low_rank_layers
+    from lrpet_mm.deploy.merged_checkpoint import tensor_forward_example
 
     model = copy.deepcopy(model).float().cpu()
     model.eval()
     if not low_rank_layers(model):
         return model, []
-    result = latency_aware_merge(model, _example(shape), runtime='onnxruntime', repeats=10,
-                                 warmup=2, threads=threads, inplace=True)
+    result = latency_aware_merge(model, tensor_forward_example(shape), runtime='onnxruntime',
+                                 repeats=10, warmup=2, threads=threads, inplace=True)
     return result.model, list(result.merged)
 
 
