@@ -29,7 +29,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # the fast tier: everything but the tests that drive a runner (a training), a subprocess tool or
 # a benchmark, or build full-size models (marker `slow`); under 2 minutes once installed

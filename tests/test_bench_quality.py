@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lrpet_mm  # noqa: F401  (registers LRPETFactorized)
-from benchlib.quality import configs, orchestration
+from benchlib.quality import configs, orchestration, tables
 from benchlib.quality import statistics as stats
 from helpers import load_repo_script
 from lrpet_mm.datasets.synthetic_voc import generate_synthetic_voc
@@ -236,6 +236,8 @@ def test_an_interrupted_run_resumes_its_unfinished_seeds_only(tmp_path: Path) ->
     assert again['tasks']['seg']['latency'] == first['tasks']['seg']['latency']
     assert again['wall_time_s'] > first['wall_time_s']
     assert again['wall_time_s'] == pytest.approx(sum(x['wall_time_s'] for x in again['sessions']))
+    assert '- sessions (2, resumed with `--resume`): ' in (out / 'quality_seg.md').read_text()
+    assert '- sessions' not in tables.markdown_results(first)  # one session: no line
     # results of another protocol are not resumed
     assert script.main(args + ['--resume', '--seeds', '3']) == 2
 

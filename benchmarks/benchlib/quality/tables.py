@@ -95,6 +95,21 @@ def markdown_comparisons(task: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _sessions_lines(sessions: list) -> list:
+    """One line listing a resumed run's sessions (none for a run done in one session)."""
+    if len(sessions) < 2:
+        return []
+    parts = []
+    for s in sessions:
+        wall = s.get('wall_time_s')
+        differs = s.get('pretrained_sha256_differs')
+        parts.append(f'{s.get("started", "?")[:16]}, commit '
+                     f'{((s.get("machine") or {}).get("git_commit") or "?")[:7]}, '
+                     f'{"n/a" if wall is None else f"{wall / 60:.1f} min"}'
+                     f'{", pretrained backbone sha256 differs" if differs else ""}')
+    return [f'- sessions ({len(sessions)}, resumed with `--resume`): ' + '; '.join(parts)]
+
+
 def markdown_results(results: dict) -> str:
     """The whole Markdown report."""
     settings = results['settings']
@@ -121,6 +136,7 @@ def markdown_results(results: dict) -> str:
         f'start {machine.get("load_average", "?")}',
         f'- code: commit {(machine.get("git_commit") or "?")[:12]}'
         f'{" + uncommitted changes" if machine.get("git_dirty") else ""}',
+        *_sessions_lines(results.get('sessions') or []),
         f'- data: {data.get("description", "?")}',
         f'- pretrained backbone: ResNet-{settings["pretrain"]["depth"]} deep stem, '
         f'pretrained by the package on a synthetic {pre.get("num_classes", 10)}-class shape '
