@@ -3,9 +3,10 @@ exist and, for a ``#fragment`` into a Markdown file, to a heading it has (GitHub
 from __future__ import annotations
 
 import re
+import subprocess
 import unicodedata
 from pathlib import Path
-from typing import List, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 from helpers import REPO_ROOT
 
@@ -39,8 +40,20 @@ def anchors(markdown: Path) -> Set[str]:
     return result
 
 
-def broken_links(markdown: Path) -> List[Tuple[str, str]]:
-    """``(link, why)`` for each relative link of ``markdown`` that leads nowhere."""
+def committed_files(root: Path) -> Optional[Set[Path]]:
+    """The files git tracks under ``root`` (a link to an untracked file works here but not in a
+    clone), or None outside a git checkout."""
+    try:
+        out = subprocess.run(['git', 'ls-files', '-z'], cwd=root, capture_output=True,
+                             check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {(root / name).resolve() for name in out.split('\0') if name}
+
+
+def broken_links(markdown: Path, tracked: Optional[Set[Path]] = None) -> List[Tuple[str, str]]:
+    """``(link, why)`` for each relative link of ``markdown`` that leads nowhere (or, given
+    ``tracked``, to a file or folder that holds no tracked file)."""
     broken = []
     for match in LINK.finditer(markdown.read_text(encoding='utf-8')):
         link = match.group(1)
@@ -50,6 +63,9 @@ def broken_links(markdown: Path) -> List[Tuple[str, str]]:
         target = (markdown.parent / path).resolve() if path else markdown.resolve()
         if not target.exists():
             broken.append((link, 'no such file'))
+        elif tracked is not None and target not in tracked and not any(
+                target in f.parents for f in tracked):
+            broken.append((link, 'not committed'))
         elif fragment and target.suffix == '.md' and fragment not in anchors(target):
             broken.append((link, f'no heading with anchor #{fragment} in {target.name}'))
     return broken
@@ -77,8 +93,12 @@ def test_a_broken_link_is_found(tmp_path: Path) -> None:
                     '[d](other.md#part-three) [e](missing.md) [f](https://example.org/x#y)\n')
     assert broken_links(page) == [('other.md#part-three', 'no heading with anchor '
                                    '#part-three in other.md'), ('missing.md', 'no such file')]
+    tracked = {(tmp_path / 'page.md').resolve()}
+    assert ('other.md#part-two', 'not committed') in broken_links(page, tracked)
 
 
 def test_documentation_links_lead_somewhere() -> None:
-    problems = {str(doc.relative_to(REPO_ROOT)): broken_links(doc) for doc in documents()}
+    tracked = committed_files(REPO_ROOT)
+    problems = {str(doc.relative_to(REPO_ROOT)): broken_links(doc, tracked)
+                for doc in documents()}
     assert {doc: links for doc, links in problems.items() if links} == {}
