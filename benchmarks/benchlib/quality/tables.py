@@ -102,10 +102,11 @@ def _sessions_lines(sessions: list) -> list:
     parts = []
     for s in sessions:
         wall = s.get('wall_time_s')
+        minutes = None if wall is None else wall / 60
         differs = s.get('pretrained_sha256_differs')
         parts.append(f'{s.get("started", "?")[:16]}, commit '
                      f'{((s.get("machine") or {}).get("git_commit") or "?")[:7]}, '
-                     f'{"n/a" if wall is None else f"{wall / 60:.1f} min"}'
+                     f'{_fmt(minutes, ".1f", " min")}'
                      f'{", pretrained backbone sha256 differs" if differs else ""}')
     return [f'- sessions ({len(sessions)}, resumed with `--resume`): ' + '; '.join(parts)]
 
@@ -129,7 +130,7 @@ def markdown_results(results: dict) -> str:
     data = results.get('data') or {}
     lines += [
         f'- command: `{results.get("command", "")}` ({settings["mode"]} mode)',
-        f'- wall time: {"n/a" if wall is None else f"{wall / 60:.1f} min"}',
+        f'- wall time: {_fmt(None if wall is None else wall / 60, ".1f", " min")}',
         f'- machine: {machine.get("cpu", "?")}, {machine.get("usable_cores", "?")} CPU core(s), '
         f'torch {machine.get("torch", "?")} ({machine.get("threads", "?")} threads), mmdet '
         f'{machine.get("mmdet", "?")}, mmseg {machine.get("mmseg", "?")}; load average at '
